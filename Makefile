@@ -1,0 +1,42 @@
+# lnscope: the two set-up commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; on a CUDA machine use e.g. `make run TORCH_SPEC="torch>=2.6"`.
+TORCH_SPEC ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PAIR ?= tiny
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: run test install tiny-models bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# Re-installs whenever pyproject.toml changes; torch is installed first so the
+# project's range never pulls a different build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch"
+	$(PIP) install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import analysis, server, transformer_lens, fastapi"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/lnscope serve --host $(HOST) --port $(PORT) --pair $(PAIR)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+tiny-models: install
+	$(BIN)/lnscope build-tiny --out models/tiny
+
+bench: install
+	$(BIN)/python bench/analyses.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

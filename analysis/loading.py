@@ -1,0 +1,228 @@
+"""Load a pair's models into TransformerLens 4 bridges, once per process, on one device.
+
+- `original`, `control`: booted, then compatibility mode (LN folded, writing weights and the
+  unembedding centred) so DLA-style analyses work in the residual basis.
+- `ln_free`: the released format is checked, made exactly linear and folded, and every LN is
+  replaced by an identity (see analysis.ln_free).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+try:  # the HTTP client huggingface_hub is built on (httpx2 from hub 1.x on)
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+from analysis import __version__
+from analysis.device import dtype_name, resolve_device, resolve_dtype
+from analysis.errors import ModelLoadError
+from analysis.ln_free import check_released_format, linearize_layer_norms, remove_normalization
+from analysis.pairs import ModelSource, PairSpec, Role
+from analysis.tl_compat import keep_float64_in_weight_processing
+
+keep_float64_in_weight_processing()
+logger = logging.getLogger(__name__)
+
+WEIGHT_PROCESSING: dict[str, bool] = {
+    "fold_ln": True,
+    "center_writing_weights": True,
+    "center_unembed": True,
+    "fold_value_biases": True,
+}
+
+
+@dataclass
+class LoadedModel:
+    """One model of a trio, ready for analysis."""
+
+    role: Role
+    source: ModelSource
+    bridge: TransformerBridge
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    ln_treatment: str  # "folded" (LN kept, weights folded) or "removed" (no normalization)
+    weight_processing: dict[str, bool] = field(default_factory=lambda: dict(WEIGHT_PROCESSING))
+
+    @property
+    def tokenizer(self):
+        return self.bridge.tokenizer
+
+    @property
+    def has_layer_norm(self) -> bool:
+        return self.ln_treatment != "removed"
+
+    def manifest(self) -> dict[str, Any]:
+        """What a result computed on this model needs to be reproduced."""
+        import transformer_lens
+        import transformers
+
+        return {
+            "role": self.role,
+            "source": self.source.to_json(),
+            "weight_processing": self.weight_processing,
+            "ln_treatment": self.ln_treatment,
+            "dtype": dtype_name(self.dtype),
+            "device": str(self.device),
+            "versions": {
+                "lnscope": __version__,
+                "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else None,
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+            },
+        }
+
+
+def _hub_error(source: ModelSource, role: str, exc: BaseException) -> ModelLoadError:
+    """A message naming the id and saying how to point the pair at a local directory instead."""
+    from huggingface_hub import errors as hub_errors
+
+    reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if isinstance(exc, hub_errors.GatedRepoError):
+        why = "it is gated: accept its licence on huggingface.co and log in (`hf auth login`)"
+    elif isinstance(exc, hub_errors.RevisionNotFoundError):
+        why = f"revision {source.revision!r} does not exist"
+    elif isinstance(exc, hub_errors.RepositoryNotFoundError):
+        why = "no such model on the Hub (or it is private)"
+    elif isinstance(exc, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled,
+                          httpx.TransportError, ConnectionError, TimeoutError)):
+        why = "the Hub cannot be reached (no network or offline mode) and it is not in the local cache"
+    else:
+        why = f"it could not be fetched ({reason})"
+    rev = f" --revision {source.revision}" if source.revision else ""
+    return ModelLoadError(
+        f"cannot load {role} model {source.describe()!r} from the Hugging Face Hub: {why}. "
+        f"To use a local copy, download it where the Hub is reachable "
+        f"(`hf download {source.hub_id}{rev} --local-dir DIR`) and point the pair at it in "
+        f"lnscope.toml: `{role} = {{ path = \"DIR\" }}`, or pass --{role.replace('_', '-')} DIR."
+    )
+
+
+def _fetch_config(source: ModelSource, role: str) -> None:
+    """Resolve the checkpoint's config.json first: the Hub's typed errors say what is wrong."""
+    if source.path is not None:
+        if not source.path.is_dir():
+            raise ModelLoadError(
+                f"{role} model directory {source.path} does not exist"
+                + (" (build the embedded trio with `make tiny-models`)" if "tiny" in source.path.parts else "")
+            )
+        if not (source.path / "config.json").is_file():
+            raise ModelLoadError(f"{role} model directory {source.path} has no config.json (not a save_pretrained directory)")
+        return
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        hf_hub_download(source.hub_id, "config.json", revision=source.revision)
+    except (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled,
+            httpx.HTTPError, OSError) as exc:
+        raise _hub_error(source, role, exc) from exc
+
+
+def load_hf_model(source: ModelSource, role: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The plain Hugging Face causal LM, with eager attention (as the bridge uses)."""
+    from transformers import AutoModelForCausalLM
+
+    _fetch_config(source, role)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, revision=source.revision, dtype=dtype, attn_implementation="eager"
+        )
+    except OSError as exc:
+        if source.is_local:
+            raise ModelLoadError(f"cannot load {role} model from {source.path}: {exc}") from exc
+        raise _hub_error(source, role, exc) from exc
+    return model.eval()
+
+
+def load_model(
+    source: ModelSource,
+    role: Role,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
+    """Load one model of a trio (uncached; use ModelCache in long-lived processes)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    start = time.perf_counter()
+    hf_model = load_hf_model(source, role, dtype)
+    if role == "ln_free":
+        check_released_format(hf_model, f"{source.describe()!r}")
+        linearize_layer_norms(hf_model)
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            source.location, hf_model=hf_model, device=device, dtype=dtype, revision=source.revision
+        )
+        bridge.enable_compatibility_mode(disable_warnings=True, **WEIGHT_PROCESSING)
+    except (OSError, ValueError, NotImplementedError) as exc:
+        raise ModelLoadError(f"TransformerLens cannot boot {role} model {source.describe()!r}: {exc}") from exc
+    ln_treatment = "folded"
+    if role == "ln_free":
+        remove_normalization(bridge)
+        ln_treatment = "removed"
+    bridge.eval()
+    seconds = time.perf_counter() - start
+    logger.info("loaded %s model %s on %s (%s) in %.1f s", role, source.describe(), device, dtype_name(dtype), seconds)
+    return LoadedModel(role, source, bridge, device, dtype, seconds, ln_treatment)
+
+
+class ModelCache:
+    """Each (source, role, device, dtype) is loaded once per process; concurrent asks wait."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, LoadedModel] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self.loads = 0  # how many loads actually ran (for tests and /models)
+
+    @staticmethod
+    def _key(source: ModelSource, role: str, device: torch.device, dtype: torch.dtype) -> tuple:
+        return (source, role, str(device), dtype)
+
+    def get(self, source: ModelSource, role: Role, *, device=None, dtype=None) -> LoadedModel:
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        key = self._key(source, role, device, dtype)
+        with self._guard:
+            if key in self._models:
+                return self._models[key]
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._guard:
+                if key in self._models:
+                    return self._models[key]
+            model = load_model(source, role, device=device, dtype=dtype)
+            with self._guard:
+                self._models[key] = model
+                self.loads += 1
+            return model
+
+    def is_loaded(self, source: ModelSource, role: str, *, device=None, dtype=None) -> bool:
+        device = resolve_device(device)
+        key = self._key(source, role, device, resolve_dtype(dtype, device))
+        with self._guard:
+            return key in self._models
+
+    def load_pair(self, pair: PairSpec, roles: list[str] | None = None, *, device=None, dtype=None) -> dict[str, LoadedModel]:
+        """All (or the given) roles of a pair, on one shared device."""
+        device = resolve_device(device)
+        wanted = roles or list(pair.roles())
+        return {role: self.get(pair.source(role), role, device=device, dtype=dtype) for role in wanted}
+
+    def clear(self) -> None:
+        with self._guard:
+            self._models.clear()
+            self._locks.clear()
+
+
+model_cache = ModelCache()
