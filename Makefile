@@ -8,6 +8,10 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PAIR ?= tiny
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# pip's notes about this machine's local package mirrors are noise; its errors are not.
+QUIET := { grep -v "^WARNING: Location" || true; }
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
 .PHONY: run test install tiny-models bench clean
 
@@ -18,9 +22,8 @@ $(BIN)/python:
 # Re-installs whenever pyproject.toml changes; torch is installed first so the
 # project's range never pulls a different build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch"
-	$(PIP) install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)" 2>&1 | $(QUIET)
+	$(PIP) install -e ".[test]" 2>&1 | $(QUIET)
 	$(BIN)/python -c "import analysis, server, transformer_lens, fastapi"
 	touch $@
 
