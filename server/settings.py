@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -14,17 +15,29 @@ class Settings(BaseModel):
     device: str | None = Field(default=None, description="cuda / mps / cpu; default LNSCOPE_DEVICE or best")
     dtype: str | None = Field(default=None, description="float32 / float64 / bfloat16 / float16")
     preload: bool = Field(default=True, description="load the default pair in the background at start-up")
+    data_dir: Path = Field(default=Path("data"), description="where the SQLite database lives")
+    database_url: str | None = Field(default=None, description="any SQLAlchemy URL; default SQLite in data_dir")
+    workers: int = Field(default=2, ge=1, le=64, description="job worker threads")
+    max_queue: int = Field(default=64, ge=1, description="jobs waiting at most; more are refused with 503")
+    job_timeout_s: float = Field(default=1800.0, gt=0, description="a job running longer is stopped")
+    inline_wait_s: float = Field(default=30.0, ge=0, description="the longest ?wait=true holds a request")
+    max_prompts: int = Field(default=64, ge=1, description="prompts (or task prompts) per request")
+    max_prompt_tokens: int = Field(default=512, ge=1, description="tokens per prompt (also <= model context)")
+    api_token: str | None = Field(default=None, description="bearer token required on every route but health")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
-        env = {
-            "host": os.environ.get("LNSCOPE_HOST"),
-            "port": os.environ.get("LNSCOPE_PORT"),
-            "pair": os.environ.get("LNSCOPE_PAIR"),
-            "device": os.environ.get("LNSCOPE_DEVICE"),
-            "dtype": os.environ.get("LNSCOPE_DTYPE"),
-            "preload": os.environ.get("LNSCOPE_PRELOAD"),
+        env_names = {
+            "host": "LNSCOPE_HOST", "port": "LNSCOPE_PORT", "pair": "LNSCOPE_PAIR", "device": "LNSCOPE_DEVICE",
+            "dtype": "LNSCOPE_DTYPE", "preload": "LNSCOPE_PRELOAD", "data_dir": "LNSCOPE_DATA_DIR",
+            "database_url": "LNSCOPE_DATABASE_URL", "workers": "LNSCOPE_WORKERS", "max_queue": "LNSCOPE_MAX_QUEUE",
+            "job_timeout_s": "LNSCOPE_JOB_TIMEOUT_S", "inline_wait_s": "LNSCOPE_INLINE_WAIT_S",
+            "max_prompts": "LNSCOPE_MAX_PROMPTS", "max_prompt_tokens": "LNSCOPE_MAX_PROMPT_TOKENS",
+            "api_token": "LNSCOPE_API_TOKEN", "cors_origins": "LNSCOPE_CORS_ORIGINS",
         }
-        values = {k: v for k, v in env.items() if v not in (None, "")}
+        values: dict = {k: os.environ[v] for k, v in env_names.items() if os.environ.get(v)}
+        if "cors_origins" in values:
+            values["cors_origins"] = [o.strip() for o in values["cors_origins"].split(",") if o.strip()]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -1,16 +1,19 @@
-"""What the server holds: the pair registry, the model cache and per-model load state."""
+"""What the server holds: registry, model cache, per-model load state, the store and the jobs."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from functools import lru_cache
 
 from analysis.device import dtype_name, resolve_device, resolve_dtype
-from analysis.errors import LnscopeError
+from analysis.errors import LnscopeError, ModelLoadError
 from analysis.loading import ModelCache, model_cache
 from analysis.pairs import ModelSource, PairRegistry, PairSpec
 
+from server.jobs import JobManager
 from server.settings import Settings
+from server.storage import Store, database_url
 
 logger = logging.getLogger("lnscope.server")
 
@@ -30,14 +33,28 @@ class ServerState:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.default_pair = self.registry.get(settings.pair or self.registry.default_pair).name
+        self.store = Store(database_url(settings.data_dir, settings.database_url))
+        self.jobs = JobManager(self.store, workers=settings.workers, max_queue=settings.max_queue)
         self._errors: dict[tuple[str, str], str] = {}
         self._loading: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self._tokenizers: dict[str, tuple[object, int]] = {}
 
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
 
+    def start(self) -> None:
+        self.store.recover_unfinished()
+        self.jobs.start()
+        if self.settings.preload:
+            logger.info("loading pair %s on %s in the background", self.default_pair, self.device)
+            self.preload_in_background()
+
+    def stop(self) -> None:
+        self.jobs.stop()
+
+    # -- models ------------------------------------------------------------------------------
     def role_state(self, pair: PairSpec, role: str) -> tuple[str, str | None]:
         key = (pair.name, role)
         if self.cache.is_loaded(pair.source(role), role, device=self.device, dtype=self.dtype):
@@ -54,29 +71,60 @@ class ServerState:
             return (source.path / "config.json").is_file()
         return _in_hub_cache(source)
 
-    def load_pair(self, pair: PairSpec) -> None:
-        """Load every role of a pair, recording failures instead of raising (for background use)."""
-        for role, source in pair.roles().items():
-            key = (pair.name, role)
+    def load_role(self, pair: PairSpec, role: str):
+        """Load (or fetch from the cache) one model, recording the outcome for GET /models."""
+        key = (pair.name, role)
+        with self._lock:
+            self._loading.add(key)
+            self._errors.pop(key, None)
+        try:
+            return self.cache.get(pair.source(role), role, device=self.device, dtype=self.dtype)
+        except LnscopeError as exc:
             with self._lock:
-                self._loading.add(key)
-                self._errors.pop(key, None)
+                self._errors[key] = str(exc)
+            raise
+        except Exception as exc:
+            with self._lock:
+                self._errors[key] = f"{type(exc).__name__}: {exc}"
+            raise ModelLoadError(f"cannot load {pair.name}/{role}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            with self._lock:
+                self._loading.discard(key)
+
+    def load_pair(self, pair: PairSpec) -> dict[str, str]:
+        """Load every role, recording failures instead of raising; returns role -> error."""
+        errors = {}
+        for role in pair.roles():
             try:
-                self.cache.get(source, role, device=self.device, dtype=self.dtype)
+                self.load_role(pair, role)
             except LnscopeError as exc:
                 logger.error("cannot load %s/%s: %s", pair.name, role, exc)
-                with self._lock:
-                    self._errors[key] = str(exc)
-            except Exception as exc:  # keep serving; the reason is shown by GET /models
-                logger.exception("unexpected error loading %s/%s", pair.name, role)
-                with self._lock:
-                    self._errors[key] = f"{type(exc).__name__}: {exc}"
-            finally:
-                with self._lock:
-                    self._loading.discard(key)
+                errors[role] = str(exc)
+        return errors
 
     def preload_in_background(self) -> threading.Thread:
         pair = self.registry.get(self.default_pair)
         thread = threading.Thread(target=self.load_pair, args=(pair,), name="lnscope-preload", daemon=True)
         thread.start()
         return thread
+
+    def tokenizer(self, pair: PairSpec) -> tuple[object, int]:
+        """The pair's tokenizer and context length, read from the original's files (no weights)."""
+        with self._lock:
+            if pair.name in self._tokenizers:
+                return self._tokenizers[pair.name]
+        from transformers import AutoConfig, AutoTokenizer
+
+        from analysis.loading import _fetch_config
+
+        source = pair.original
+        _fetch_config(source, "original")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.location, revision=source.revision)
+            config = AutoConfig.from_pretrained(source.location, revision=source.revision)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot load the tokenizer of pair {pair.name!r}: {exc}") from exc
+        n_ctx = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
+        with self._lock:
+            self._tokenizers[pair.name] = (tokenizer, n_ctx)
+        return tokenizer, n_ctx

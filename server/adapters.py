@@ -1,0 +1,1 @@
+"""Adapters registering the built-in analysis kinds (filled in as analyses land)."""
