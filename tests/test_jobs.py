@@ -4,12 +4,10 @@ The `probe` kind below reports stages, can wait on an event and can fail in chos
 the queue, model locks, cancellation, time limits and storage are exercised for real.
 """
 
-import threading
 import time
 
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import BaseModel, ConfigDict, Field
 
 from analysis.loading import ModelCache
 from analysis.pairs import PairRegistry
@@ -18,51 +16,7 @@ from server.kinds import KINDS, Kind
 from server.settings import Settings
 from server.storage import Store
 
-GATE = threading.Event()
-RUNNING: list[str] = []
-MAX_CONCURRENT: list[int] = [0]
-_active = [0]
-_lock = threading.Lock()
-
-
-class ProbeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    stages: int = Field(3, ge=1, le=100)
-    block: bool = False
-    fail: str | None = None
-    tag: str = ""
-
-
-class ProbeResult(BaseModel):
-    stages: int
-    roles: list[str]
-    n_layers: dict[str, int]
-    tag: str
-    manifest: dict
-
-
-def run_probe(ctx):
-    with _lock:
-        _active[0] += 1
-        MAX_CONCURRENT[0] = max(MAX_CONCURRENT[0], _active[0])
-    try:
-        RUNNING.append(ctx.options.tag)
-        for i in range(ctx.options.stages):
-            ctx.progress.stage(f"probe stage {i}", i / ctx.options.stages)
-            if ctx.options.block:
-                GATE.wait(timeout=10)
-            else:
-                time.sleep(0.01)
-        if ctx.options.fail == "oom":
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if ctx.options.fail == "bug":
-            raise ZeroDivisionError("boom")
-        return ProbeResult(stages=ctx.options.stages, roles=list(ctx.models), tag=ctx.options.tag,
-                           n_layers={r: m.bridge.cfg.n_layers for r, m in ctx.models.items()},
-                           manifest={"pair": ctx.pair.name})
-    finally:
-        with _lock:
-            _active[0] -= 1
+from tests.probe_kind import GATE, MAX_CONCURRENT, RUNNING, ProbeOptions, run_probe
 
 
 @pytest.fixture

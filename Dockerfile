@@ -1,0 +1,22 @@
+# lnscope server image. CUDA builds of torch come from PyTorch's index (TORCH_INDEX).
+FROM python:3.11-slim
+
+ARG TORCH_SPEC="torch>=2.6"
+ARG TORCH_INDEX="https://download.pytorch.org/whl/cu124"
+ENV PYTHONUNBUFFERED=1 \
+    HF_HOME=/cache/huggingface \
+    LNSCOPE_DATA_DIR=/data \
+    LNSCOPE_MODELS_DIR=/app/models \
+    LNSCOPE_HOST=0.0.0.0 \
+    LNSCOPE_PORT=8000
+
+WORKDIR /app
+RUN pip install --no-cache-dir "$TORCH_SPEC" --index-url "$TORCH_INDEX"
+COPY pyproject.toml README.md ./
+COPY analysis ./analysis
+COPY server ./server
+COPY frontend ./frontend
+RUN pip install --no-cache-dir .
+
+EXPOSE 8000
+CMD ["lnscope", "serve"]
