@@ -193,6 +193,8 @@ def submit_analysis(
         raise RequestError(["body", "roles"], f"{kind} needs at least {spec_kind.min_roles} roles")
     tokenizer, n_ctx = _tokenizer(state, spec)
     inputs = prepare_inputs(spec_kind, body, tokenizer, n_ctx, state.settings, default_text=_default_text(spec))
+    if spec_kind.prepare is not None:
+        inputs.extra = spec_kind.prepare(options, inputs, tokenizer)
 
     stored_inputs = {**body.model_dump(mode="json"), "roles": roles, "options": options.model_dump(mode="json")}
     key = _manifest_key(state, spec, roles)
@@ -232,7 +234,10 @@ def submit_analysis(
 def _default_text(spec: PairSpec) -> list[str]:
     from analysis.eval_text import pair_eval_text
 
-    return pair_eval_text(spec)
+    try:
+        return pair_eval_text(spec)
+    except ImportError as exc:  # pragma: no cover - a pair without an eval text source
+        raise ApiError(409, f"pair {spec.name!r} has no eval text: {exc}") from None
 
 
 # -- jobs and results -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from analysis.errors import LnscopeError
 from analysis.loading import LoadedModel
 from analysis.pairs import PairSpec
 from analysis.progress import Progress
@@ -20,7 +21,7 @@ from server.schemas import AnalysisRequest
 from server.settings import Settings
 
 
-class RequestError(ValueError):
+class RequestError(LnscopeError, ValueError):
     """Invalid input found while preparing a request: answered with 422 naming the field."""
 
     def __init__(self, loc: list[str | int], message: str) -> None:
@@ -41,6 +42,7 @@ class Inputs:
     end_pos: torch.Tensor | None = None  # [batch]
     task: Any = None  # analysis.tasks TaskBatch
     texts: list[str] | None = None
+    extra: dict[str, Any] | None = None  # what a kind's `prepare` derived (e.g. target token ids)
 
 
 @dataclass
@@ -65,6 +67,9 @@ class Kind:
     options: type[BaseModel]
     run: Callable[[RunContext], BaseModel]
     min_roles: int = 1
+    # Checks and derives kind-specific inputs at submission (raises RequestError -> 422):
+    # prepare(options, inputs, tokenizer) -> extra dict stored in inputs.extra
+    prepare: Callable[[BaseModel, Inputs, Any], dict[str, Any]] | None = None
 
 
 KINDS: dict[str, Kind] = {}

@@ -1,0 +1,619 @@
+"""Direct logit attribution (DLA) under three LayerNorm treatments, against the true direct effect.
+
+A target is a direction in the residual stream read at one position per prompt:
+    target(x) = LN_final(x) . d + beta,    d = W_U[:, a] (- W_U[:, b]),  beta = b_U[a] (- b_U[b]),
+x the final residual stream = sum of its components c (embed, pos_embed, every head L{l}H{h}, every
+attention output bias L{l}b_O, every MLP L{l}MLP; the top neurons L{l}N{n} are parts of the MLPs).
+
+Treatments of a component c (per prompt):
+- `cached_scale`  (standard DLA, TL's apply_ln_to_stack):  (c - mean(c)) / s . d,  s = cached ln_final scale
+- `direct_effect` (ground truth):  target(x) - target(x - c), ln_final (scale included) recomputed on x - c
+- `raw`           (no scale):  c . d
+With no LayerNorm (the `ln_free` role: LN_final is the identity) the three coincide and
+sum_c DLA_c + beta == target exactly. Error of DLA against DE: per component, and the paper's
+NMAE = mean|DLA - DE| / mean|DE| * 100 over (components x prompts), with a bootstrap CI over prompts.
+
+All attribution arithmetic is float64 (activations are read at the model's dtype). The bridge is in
+TL compatibility mode: unembedding centred, so one logit is defined up to a per-position constant
+(log-probs and logit differences are unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+
+from analysis.loading import LoadedModel
+from analysis.progress import Progress, ensure
+from analysis.results import Manifest, make_manifest
+
+logger = logging.getLogger(__name__)
+
+Treatment = Literal["cached_scale", "direct_effect", "raw"]
+TREATMENTS: tuple[str, ...] = ("cached_scale", "direct_effect", "raw")
+TargetKind = Literal["logit", "logit_diff", "task_metric"]
+
+# Elements of float64 scratch a vectorised direct-effect chunk may use (~128 MiB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# --------------------------------------------------------------------------------------- target
+class DLATarget(BaseModel):
+    """What is attributed, per prompt: one logit, a difference of two logits, or a task's metric.
+
+    - `logit`: `tokens` (one id for every prompt, or one per prompt).
+    - `logit_diff`: logit(`tokens`) - logit(`other_tokens`) (each: one id, or one per prompt).
+    - `task_metric`: logit(answer[0]) - logit(answer[1]) with `answer_tokens` [batch, 2] (e.g. IOI:
+      IO vs S). Only tasks whose metric is such a logit difference can be attributed linearly.
+    `end_pos` (optional, one per prompt) is where the target is read when `dla` gets no end_pos.
+    """
+
+    kind: TargetKind
+    tokens: list[int] | None = None
+    other_tokens: list[int] | None = None
+    answer_tokens: list[list[int]] | None = None
+    end_pos: list[int] | None = None
+    task: str | None = Field(default=None, description="the task name, for a task_metric target")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DLATarget":
+        if self.kind in ("logit", "logit_diff") and not self.tokens:
+            raise ValueError(f"a {self.kind} target needs `tokens`")
+        if self.kind == "logit_diff":
+            if not self.other_tokens:
+                raise ValueError("a logit_diff target needs `other_tokens`")
+            if 1 not in (len(self.tokens), len(self.other_tokens)) and len(self.tokens) != len(self.other_tokens):
+                raise ValueError("tokens and other_tokens must have the same length (or length 1)")
+        if self.kind == "task_metric":
+            if not self.answer_tokens or any(len(row) != 2 for row in self.answer_tokens):
+                raise ValueError("a task_metric target needs `answer_tokens` as [batch, 2] (correct, wrong)")
+        return self
+
+    @classmethod
+    def logit(cls, token: int | Sequence[int]) -> "DLATarget":
+        return cls(kind="logit", tokens=_as_list(token))
+
+    @classmethod
+    def logit_diff(cls, token: int | Sequence[int], other: int | Sequence[int]) -> "DLATarget":
+        return cls(kind="logit_diff", tokens=_as_list(token), other_tokens=_as_list(other))
+
+    @classmethod
+    def from_task(cls, batch: Any, name: str | None = None) -> "DLATarget":
+        """From a TaskBatch-like object: `answer_tokens` [batch, 2] and, if present, `end_pos` [batch]."""
+        if getattr(batch, "answer_tokens", None) is None:
+            raise ValueError("this task has no answer_tokens: only logit-difference metrics can be attributed")
+        answers = torch.as_tensor(batch.answer_tokens).long()
+        if answers.ndim != 2 or answers.shape[1] != 2:
+            raise ValueError(f"answer_tokens must be [batch, 2], got {tuple(answers.shape)}")
+        end_pos = getattr(batch, "end_pos", None)
+        return cls(
+            kind="task_metric",
+            answer_tokens=answers.tolist(),
+            end_pos=torch.as_tensor(end_pos).long().tolist() if end_pos is not None else None,
+            task=name or getattr(batch, "name", None) or getattr(batch, "task", None),
+        )
+
+    def token_pairs(self, n_prompts: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(positive [batch], negative [batch] or None) token ids."""
+        if self.kind == "task_metric":
+            answers = torch.tensor(self.answer_tokens, dtype=torch.long)  # [batch, 2]
+            _check_len(answers.shape[0], n_prompts, "answer_tokens")
+            return answers[:, 0], answers[:, 1]
+        pos = _broadcast(self.tokens, n_prompts, "tokens")
+        neg = _broadcast(self.other_tokens, n_prompts, "other_tokens") if self.kind == "logit_diff" else None
+        return pos, neg
+
+
+def _as_list(token: int | Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(token, torch.Tensor):
+        return token.reshape(-1).long().tolist()
+    if isinstance(token, int):
+        return [token]
+    return [int(t) for t in token]
+
+
+def _check_len(got: int, want: int, what: str) -> None:
+    if got != want:
+        raise ValueError(f"{what} has {got} entries but there are {want} prompts")
+
+
+def _broadcast(ids: list[int], n: int, what: str) -> torch.Tensor:
+    t = torch.tensor(ids, dtype=torch.long)
+    if t.numel() == 1:
+        return t.expand(n).clone()
+    _check_len(t.numel(), n, what)
+    return t
+
+
+# -------------------------------------------------------------------------------------- results
+class TopNeuron(BaseModel):
+    layer: int
+    neuron: int
+    label: str
+    attribution: float = Field(description="mean over prompts")
+    per_prompt: list[float]
+
+
+class TreatmentDLA(BaseModel):
+    """Attributions under one LN treatment. Component order = `DLAModelResult.labels`."""
+
+    treatment: str
+    mean: list[float] = Field(description="[component] mean over prompts")
+    per_prompt: list[list[float]] = Field(description="[prompt][component]")
+    heads: list[list[float]] = Field(description="[layer][head] mean over prompts")
+    heads_per_prompt: list[list[list[float]]] = Field(description="[prompt][layer][head]")
+    attn_layer_totals: list[float] = Field(description="[layer] heads + b_O, mean over prompts")
+    mlp_layer_totals: list[float] = Field(description="[layer] MLP output, mean over prompts")
+    attn_bias: list[float] = Field(description="[layer] b_O term, mean over prompts")
+    embed: float
+    pos_embed: float | None
+    top_neurons: list[TopNeuron] = Field(description="top-k neurons by |mean attribution|")
+    bias_term: list[float] = Field(description="[prompt] b_U . target (the unembedding bias term)")
+    component_sum: list[float] = Field(description="[prompt] sum of all components + bias term")
+    dla_sum_gap: list[float] = Field(description="[prompt] component_sum - actual target")
+    max_abs_sum_gap: float
+
+
+class ComponentError(BaseModel):
+    label: str
+    mean_abs_error: float = Field(description="mean over prompts of |DLA - DE|")
+    mean_abs_de: float = Field(description="mean over prompts of |DE|")
+    rel_error: float | None = Field(description="mean_abs_error / mean_abs_de (None if DE is 0)")
+
+
+class NMAE(BaseModel):
+    """mean|DLA - DE| / mean|DE| * 100 over (components x prompts); percentile bootstrap CI over prompts."""
+
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    over: str = Field(description="'components' (all of them) or 'heads'")
+    n_components: int
+    n_prompts: int
+    n_bootstrap: int
+    seed: int
+
+
+class DLAErrors(BaseModel):
+    treatment: str
+    reference: str = "direct_effect"
+    components: list[ComponentError]
+    heads_abs_error: list[list[float]] = Field(description="[layer][head] mean |DLA - DE|")
+    nmae: NMAE
+    nmae_heads: NMAE
+
+
+class DLAModelResult(BaseModel):
+    manifest: Manifest
+    role: str
+    has_ln: bool
+    final_scale: str = Field(description="'cached' (ln_final scale) or 'none' (LN-free: DLA is exact)")
+    target: DLATarget
+    n_prompts: int
+    n_layers: int
+    n_heads: int
+    end_pos: list[int]
+    labels: list[str] = Field(description="components: embed, pos_embed, L{l}H{h}, L{l}b_O, L{l}MLP")
+    target_value: list[float] = Field(description="[prompt] the actual target from the model's logits")
+    treatments: dict[str, TreatmentDLA]
+    errors: dict[str, DLAErrors] = Field(description="per non-DE treatment: DLA vs direct_effect")
+    treatments_max_abs_diff: float | None = Field(
+        default=None, description="max |attribution difference| between any two treatments (0 up to rounding if LN-free)"
+    )
+
+
+class DLAResult(BaseModel):
+    manifest: Manifest
+    roles: dict[str, DLAModelResult]
+    head_diffs: dict[str, dict[str, list[list[float]]]] = Field(
+        description="'ln_free - original', 'control - original' -> treatment -> [layer][head] of mean attributions"
+    )
+
+
+# ---------------------------------------------------------------------------------------- maths
+def _maths_device(device: torch.device) -> torch.device:
+    return torch.device("cpu") if device.type == "mps" else device  # no float64 on MPS
+
+
+def _default_end_pos(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Last non-padding position per prompt (trailing pad tokens are padding; position 0 at least)."""
+    batch, width = tokens.shape
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    if pad is None:
+        return torch.full((batch,), width - 1, dtype=torch.long)
+    real = tokens != pad  # [batch, pos]
+    real[:, 0] = True
+    idx = torch.arange(width).expand(batch, width)
+    return torch.where(real, idx, torch.zeros_like(idx)).max(dim=1).values
+
+
+def _resolve_end_pos(end_pos, target: DLATarget, tokens: torch.Tensor, tokenizer) -> torch.Tensor:
+    batch, width = tokens.shape
+    if end_pos is None and target.end_pos is not None:
+        end_pos = target.end_pos
+    if end_pos is None:
+        out = _default_end_pos(tokens, tokenizer)
+    elif isinstance(end_pos, int):
+        out = torch.full((batch,), end_pos, dtype=torch.long)
+    else:
+        out = torch.as_tensor(end_pos, dtype=torch.long).reshape(-1).clone()
+        _check_len(out.numel(), batch, "end_pos")
+    out = torch.where(out < 0, out + width, out)
+    if (out < 0).any() or (out >= width).any():
+        raise ValueError(f"end_pos out of range [0, {width})")
+    return out
+
+
+def layer_norm_pre(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The folded ln_final: (x - mean(x)) / sqrt(var(x) + eps) over the last dim (biased var)."""
+    x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def direct_effects(
+    resid: torch.Tensor, components: torch.Tensor, direction: torch.Tensor, eps: float | None
+) -> torch.Tensor:
+    """DE_c = target(x) - target(x - c), ln_final recomputed (none if eps is None): [n_comp, batch].
+
+    resid [batch, d_model], components [n_comp, batch, d_model], direction [batch, d_model].
+    The unembedding bias term cancels. Vectorised over components, chunked to bound memory.
+    """
+    norm = (lambda v: v) if eps is None else (lambda v: layer_norm_pre(v, eps))
+    full = (norm(resid) * direction).sum(-1)  # [batch]
+    n_comp, batch, d_model = components.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, batch * d_model))
+    out = []
+    for start in range(0, n_comp, step):
+        minus = resid[None] - components[start : start + step]  # [chunk, batch, d_model]
+        out.append(full[None] - (norm(minus) * direction[None]).sum(-1))
+    return torch.cat(out) if out else components.new_zeros((0, batch))
+
+
+def _attributions(
+    components: torch.Tensor,
+    resid: torch.Tensor,
+    direction: torch.Tensor,
+    scale: torch.Tensor | None,
+    eps: float | None,
+    treatments: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """Every treatment's attributions [n_comp, batch] of components [n_comp, batch, d_model]."""
+    raw = torch.einsum("nbd,bd->nb", components, direction)
+    out: dict[str, torch.Tensor] = {}
+    for t in treatments:
+        if t == "raw":
+            out[t] = raw
+        elif t == "cached_scale":
+            if scale is None:
+                out[t] = raw.clone()
+            else:
+                centred = components - components.mean(-1, keepdim=True)
+                out[t] = torch.einsum("nbd,bd->nb", centred, direction) / scale[None]
+        elif t == "direct_effect":
+            out[t] = direct_effects(resid, components, direction, eps)
+    return out
+
+
+def _neuron_attributions(
+    post: torch.Tensor,
+    w_out: torch.Tensor,
+    resid: torch.Tensor,
+    direction: torch.Tensor,
+    scale: torch.Tensor | None,
+    eps: float | None,
+    treatments: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """One layer's neuron attributions [d_mlp, batch]; neuron n writes post[:, n] * W_out[n].
+
+    post [batch, d_mlp], w_out [d_mlp, d_model] (float64).
+    """
+    proj = w_out @ direction.T  # [d_mlp, batch]: W_out[n] . d
+    out: dict[str, torch.Tensor] = {}
+    for t in treatments:
+        if t == "raw":
+            out[t] = post.T * proj
+        elif t == "cached_scale":
+            if scale is None:
+                out[t] = post.T * proj
+            else:
+                centred = (w_out - w_out.mean(-1, keepdim=True)) @ direction.T  # [d_mlp, batch]
+                out[t] = post.T * centred / scale[None]
+        elif t == "direct_effect":
+            d_mlp, d_model = w_out.shape
+            batch = post.shape[0]
+            step = max(1, _CHUNK_ELEMENTS // max(1, batch * d_model))
+            parts = []
+            for start in range(0, d_mlp, step):
+                comps = post.T[start : start + step, :, None] * w_out[start : start + step, None, :]
+                parts.append(direct_effects(resid, comps, direction, eps))
+            out[t] = torch.cat(parts)
+    return out
+
+
+def bootstrap_nmae(abs_err: torch.Tensor, abs_de: torch.Tensor, *, n_bootstrap: int, seed: int, over: str) -> NMAE:
+    """NMAE over (components x prompts) of abs_err, abs_de [n_comp, n_prompts], CI by resampling prompts."""
+    n_comp, n_prompts = abs_err.shape
+    e_p, d_p = abs_err.sum(0), abs_de.sum(0)  # [prompt]
+    kw = dict(over=over, n_components=n_comp, n_prompts=n_prompts, n_bootstrap=n_bootstrap, seed=seed)
+    if n_prompts == 0 or float(d_p.sum()) == 0.0:
+        return NMAE(value=None, ci_low=None, ci_high=None, **kw)
+    value = float(e_p.sum() / d_p.sum() * 100)
+    if n_bootstrap <= 0:
+        return NMAE(value=value, ci_low=None, ci_high=None, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n_prompts, (n_bootstrap, n_prompts), generator=gen)  # [boot, prompt]
+    num, den = e_p.cpu()[idx].sum(1), d_p.cpu()[idx].sum(1)
+    ok = den > 0
+    ratios = num[ok] / den[ok] * 100
+    if ratios.numel() == 0:
+        return NMAE(value=value, ci_low=None, ci_high=None, **kw)
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=ratios.dtype)).tolist()
+    return NMAE(value=value, ci_low=lo, ci_high=hi, **kw)
+
+
+def _labels(n_layers: int, n_heads: int, has_pos: bool) -> list[str]:
+    labels = ["embed"] + (["pos_embed"] if has_pos else [])
+    for layer in range(n_layers):
+        labels += [f"L{layer}H{h}" for h in range(n_heads)] + [f"L{layer}b_O", f"L{layer}MLP"]
+    return labels
+
+
+# ------------------------------------------------------------------------------------------ dla
+@torch.no_grad()
+def dla(
+    model: LoadedModel,
+    tokens: torch.Tensor,
+    *,
+    target: DLATarget,
+    end_pos: int | Sequence[int] | torch.Tensor | None = None,
+    treatments: Sequence[str] = TREATMENTS,
+    top_k_neurons: int = 20,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> DLAModelResult:
+    """Direct logit attribution of `target` at `end_pos` (default: the last real position) per prompt.
+
+    tokens [batch, pos]. Returns every requested treatment, and when `direct_effect` is among them,
+    the error of each other treatment against it (per component, and NMAE with a bootstrap CI).
+    """
+    progress = ensure(progress)
+    treatments = list(dict.fromkeys(treatments))
+    unknown = [t for t in treatments if t not in TREATMENTS]
+    if unknown or not treatments:
+        raise ValueError(f"unknown treatments {unknown}; choose from {list(TREATMENTS)}")
+    tokens = torch.as_tensor(tokens).long()
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    bridge = model.bridge
+    cfg = bridge.cfg
+    n_prompts = tokens.shape[0]
+    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    end = _resolve_end_pos(end_pos, target, tokens, model.tokenizer)  # [batch]
+    pos_ids, neg_ids = target.token_pairs(n_prompts)  # [batch], [batch] | None
+
+    hooks = bridge.hook_dict
+    has_scale = "ln_final.hook_scale" in hooks
+    has_pos = "hook_pos_embed" in hooks
+    eps = float(cfg.eps) if has_scale else None
+    dev = _maths_device(model.device)
+    f64 = torch.float64
+    last = f"blocks.{n_layers - 1}.hook_resid_post"
+    names = ["hook_embed", last] + (["hook_pos_embed"] if has_pos else []) + (["ln_final.hook_scale"] if has_scale else [])
+    for layer in range(n_layers):
+        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        if top_k_neurons > 0:
+            names.append(f"blocks.{layer}.mlp.hook_post")
+
+    W_U = bridge.W_U.detach().to(dev, f64)  # [d_model, vocab]
+    b_U = bridge.b_U.detach().to(dev, f64)  # [vocab]
+    W_O = torch.stack([bridge.blocks[l].attn.W_O.detach() for l in range(n_layers)]).to(dev, f64)  # [L, H, d_head, d]
+    b_O = torch.stack([bridge.blocks[l].attn.b_O.detach() for l in range(n_layers)]).to(dev, f64)  # [L, d]
+
+    labels = _labels(n_layers, n_heads, has_pos)
+    comp_attr: dict[str, list[torch.Tensor]] = {t: [] for t in treatments}  # [n_comp, b] per batch
+    neuron_attr: dict[str, list[torch.Tensor]] = {t: [] for t in treatments}  # [L * d_mlp, b] per batch
+    target_vals, bias_terms = [], []
+    n_batches = (n_prompts + batch_size - 1) // batch_size
+    for bi, start in enumerate(range(0, n_prompts, batch_size)):
+        progress.stage("dla: forward", bi / max(n_batches, 1))
+        sl = slice(start, start + batch_size)
+        toks, e = tokens[sl].to(model.device), end[sl].to(model.device)
+        rows = torch.arange(toks.shape[0], device=model.device)
+        store: dict[str, torch.Tensor] = {}
+
+        def keeper(name: str):
+            def keep(act, hook):
+                store[name] = act[rows, e].detach().to(dev, f64)  # [b, ...] at end_pos
+                return act
+
+            return keep
+
+        logits = bridge.run_with_hooks(toks, fwd_hooks=[(n, keeper(n)) for n in names])
+        logits_end = logits[rows, e].detach().to(dev, f64)  # [b, vocab]
+        p, n = pos_ids[sl].to(dev), (neg_ids[sl].to(dev) if neg_ids is not None else None)
+        direction = W_U[:, p].T - (W_U[:, n].T if n is not None else 0)  # [b, d_model]
+        bias = b_U[p] - (b_U[n] if n is not None else 0)  # [b]
+        value = logits_end.gather(1, p[:, None])[:, 0] - (logits_end.gather(1, n[:, None])[:, 0] if n is not None else 0)
+        target_vals.append(value)
+        bias_terms.append(bias)
+
+        resid = store[last]  # [b, d_model]
+        scale = store["ln_final.hook_scale"][:, 0] if has_scale else None  # [b]
+        parts = [store["hook_embed"][None]] + ([store["hook_pos_embed"][None]] if has_pos else [])
+        b = toks.shape[0]
+        for layer in range(n_layers):
+            z = store[f"blocks.{layer}.attn.hook_z"]  # [b, H, d_head]
+            parts.append(torch.einsum("bhe,hed->hbd", z, W_O[layer]))  # [H, b, d_model]
+            parts.append(b_O[layer].expand(1, b, -1))
+            parts.append(store[f"blocks.{layer}.hook_mlp_out"][None])
+        components = torch.cat(parts)  # [n_comp, b, d_model]
+        for t, a in _attributions(components, resid, direction, scale, eps, treatments).items():
+            comp_attr[t].append(a)
+        if top_k_neurons > 0:
+            per_layer: dict[str, list[torch.Tensor]] = {t: [] for t in treatments}
+            for layer in range(n_layers):
+                w_out = bridge.blocks[layer].mlp.W_out.detach().to(dev, f64)  # [d_mlp, d_model]
+                post = store[f"blocks.{layer}.mlp.hook_post"]  # [b, d_mlp]
+                for t, a in _neuron_attributions(post, w_out, resid, direction, scale, eps, treatments).items():
+                    per_layer[t].append(a)
+            for t in treatments:
+                neuron_attr[t].append(torch.cat(per_layer[t]).cpu())  # [L * d_mlp, b]
+    progress.stage("dla: forward", 1.0)
+
+    target_value = torch.cat(target_vals)  # [prompt]
+    bias_term = torch.cat(bias_terms)  # [prompt]
+    attrs = {t: torch.cat(comp_attr[t], dim=1) for t in treatments}  # [n_comp, prompt]
+    head_idx = [i for i, lab in enumerate(labels) if "H" in lab and lab.startswith("L")]
+    bo_idx = [labels.index(f"L{l}b_O") for l in range(n_layers)]
+    mlp_idx = [labels.index(f"L{l}MLP") for l in range(n_layers)]
+    d_mlp = cfg.d_mlp
+
+    results: dict[str, TreatmentDLA] = {}
+    for t in treatments:
+        a = attrs[t]  # [n_comp, prompt]
+        mean = a.mean(1)
+        heads = a[head_idx].reshape(n_layers, n_heads, n_prompts)
+        total = a.sum(0) + bias_term
+        top: list[TopNeuron] = []
+        if top_k_neurons > 0:
+            na = torch.cat(neuron_attr[t], dim=1)  # [L * d_mlp, prompt]
+            nmean = na.mean(1)
+            k = min(top_k_neurons, nmean.numel())
+            for i in nmean.abs().topk(k).indices.tolist():
+                layer, neuron = divmod(i, d_mlp)
+                top.append(TopNeuron(layer=layer, neuron=neuron, label=f"L{layer}N{neuron}",
+                                     attribution=float(nmean[i]), per_prompt=na[i].tolist()))
+        gap = total - target_value
+        results[t] = TreatmentDLA(
+            treatment=t,
+            mean=mean.tolist(),
+            per_prompt=a.T.tolist(),
+            heads=heads.mean(-1).tolist(),
+            heads_per_prompt=heads.permute(2, 0, 1).tolist(),
+            attn_layer_totals=(heads.sum(1) + a[bo_idx]).mean(-1).tolist(),
+            mlp_layer_totals=a[mlp_idx].mean(1).tolist(),
+            attn_bias=a[bo_idx].mean(1).tolist(),
+            embed=float(mean[0]),
+            pos_embed=float(mean[1]) if has_pos else None,
+            top_neurons=top,
+            bias_term=bias_term.tolist(),
+            component_sum=total.tolist(),
+            dla_sum_gap=gap.tolist(),
+            max_abs_sum_gap=float(gap.abs().max()) if n_prompts else 0.0,
+        )
+
+    progress.stage("dla: errors", 0.0)
+    errors: dict[str, DLAErrors] = {}
+    if "direct_effect" in attrs:
+        de = attrs["direct_effect"]
+        for t in treatments:
+            if t == "direct_effect":
+                continue
+            err, ade = (attrs[t] - de).abs(), de.abs()  # [n_comp, prompt]
+            me, md = err.mean(1), ade.mean(1)
+            errors[t] = DLAErrors(
+                treatment=t,
+                components=[
+                    ComponentError(label=lab, mean_abs_error=float(me[i]), mean_abs_de=float(md[i]),
+                                   rel_error=float(me[i] / md[i]) if float(md[i]) > 0 else None)
+                    for i, lab in enumerate(labels)
+                ],
+                heads_abs_error=me[head_idx].reshape(n_layers, n_heads).tolist(),
+                nmae=bootstrap_nmae(err, ade, n_bootstrap=n_bootstrap, seed=seed, over="components"),
+                nmae_heads=bootstrap_nmae(err[head_idx], ade[head_idx], n_bootstrap=n_bootstrap, seed=seed, over="heads"),
+            )
+    spread = None
+    if len(treatments) > 1:
+        stacked = torch.stack([attrs[t] for t in treatments])
+        spread = float((stacked.max(0).values - stacked.min(0).values).abs().max()) if stacked.numel() else 0.0
+    progress.stage("dla: errors", 1.0)
+
+    options = dict(treatments=treatments, top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap,
+                   batch_size=batch_size, n_prompts=n_prompts, n_positions=int(tokens.shape[1]))
+    return DLAModelResult(
+        manifest=make_manifest("dla", {model.role: model}, seed=seed, options=options),
+        role=model.role,
+        has_ln=has_scale,
+        final_scale="cached" if has_scale else "none",
+        target=target,
+        n_prompts=n_prompts,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        end_pos=end.tolist(),
+        labels=labels,
+        target_value=target_value.tolist(),
+        treatments=results,
+        errors=errors,
+        treatments_max_abs_diff=spread,
+    )
+
+
+class _Span:
+    """A Progress seen through a window [start, end] of the parent's fraction, stages prefixed."""
+
+    def __init__(self, parent: Progress, prefix: str, start: float, end: float) -> None:
+        self.parent, self.prefix, self.start, self.end = parent, prefix, start, end
+
+    def stage(self, name: str, fraction: float) -> None:
+        self.parent.stage(f"{self.prefix}: {name}", self.start + (self.end - self.start) * fraction)
+
+    def check(self) -> None:
+        self.parent.check()
+
+
+def head_differences(per_role: Mapping[str, Any], attr: str = "heads") -> dict[str, dict[str, list[list[float]]]]:
+    """'ln_free - original' and 'control - original' of a per-treatment [layer][head] field."""
+    out: dict[str, dict[str, list[list[float]]]] = {}
+    base = per_role.get("original")
+    if base is None:
+        return out
+    for role in ("ln_free", "control"):
+        other = per_role.get(role)
+        if other is None:
+            continue
+        diffs = {}
+        for t, res in other.treatments.items():
+            if t in base.treatments:
+                a = torch.tensor(getattr(res, attr), dtype=torch.float64)
+                b = torch.tensor(getattr(base.treatments[t], attr), dtype=torch.float64)
+                if a.shape == b.shape:
+                    diffs[t] = (a - b).tolist()
+        out[f"{role} - original"] = diffs
+    return out
+
+
+def dla_trio(
+    models: Mapping[str, LoadedModel],
+    tokens: torch.Tensor,
+    target: DLATarget,
+    pair: str | None = None,
+    *,
+    end_pos: int | Sequence[int] | torch.Tensor | None = None,
+    treatments: Sequence[str] = TREATMENTS,
+    top_k_neurons: int = 20,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> DLAResult:
+    """`dla` on every role of a trio on the same tokens, plus per-head differences against `original`."""
+    progress = ensure(progress)
+    roles = list(models)
+    per_role: dict[str, DLAModelResult] = {}
+    for i, role in enumerate(roles):
+        span = _Span(progress, role, i / len(roles), (i + 1) / len(roles))
+        per_role[role] = dla(models[role], tokens, target=target, end_pos=end_pos, treatments=treatments,
+                             top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap, seed=seed,
+                             batch_size=batch_size, progress=span)  # type: ignore[arg-type]
+    options = dict(treatments=list(treatments), top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap,
+                   batch_size=batch_size, target=target.model_dump())
+    return DLAResult(
+        manifest=make_manifest("dla", models, pair=pair, seed=seed, options=options),
+        roles=per_role,
+        head_diffs=head_differences(per_role),
+    )
