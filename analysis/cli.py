@@ -18,6 +18,7 @@ _COMMANDS: list[str] = [
     "analysis.remove_ln.cli:register",
     "analysis.tinymodel.cli:register",
     "analysis.commands.evaluate:register",
+    "analysis.commands.analyze:register",
 ]
 
 

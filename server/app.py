@@ -19,10 +19,10 @@ from analysis import __version__
 from analysis.errors import LnscopeError, ModelLoadError, UnknownPairError, UnknownRoleError
 from analysis.pairs import PairRegistry, PairSpec
 
-from server import kinds as kinds_module
-from server.inputs import prepare_inputs
+from analysis import kinds as kinds_module
+from analysis.inputs import prepare_inputs
 from server.jobs import Job, QueueFull
-from server.kinds import KINDS, RequestError, RunContext
+from analysis.kinds import KINDS, Limits, RequestError, RunContext
 from server.schemas import (
     AnalysisRequest, ErrorBody, Health, JobInfo, KindInfo, ModelsResponse, PairInfo, ResultOut, ResultPage,
     RoleInfo, TokenizeRequest, TokenizeResponse, TokenOut,
@@ -192,7 +192,7 @@ def submit_analysis(
     if len(roles) < spec_kind.min_roles:
         raise RequestError(["body", "roles"], f"{kind} needs at least {spec_kind.min_roles} roles")
     tokenizer, n_ctx = _tokenizer(state, spec)
-    inputs = prepare_inputs(spec_kind, body, tokenizer, n_ctx, state.settings, default_text=_default_text(spec))
+    inputs = prepare_inputs(spec_kind, body, tokenizer, n_ctx, state.limits, default_text=_default_text(spec))
     if spec_kind.prepare is not None:
         inputs.extra = spec_kind.prepare(options, inputs, tokenizer)
 
@@ -209,7 +209,7 @@ def submit_analysis(
             progress.stage("loading models", 0.0)
             models = {role: state.load_role(spec, role) for role in roles}
             ctx = RunContext(pair=spec, models=models, request=body, options=options, inputs=inputs,
-                             progress=progress, settings=state.settings)
+                             progress=progress, limits=state.limits)
             result = spec_kind.run(ctx)
             payload = result.model_dump(mode="json")
             return json.dumps(payload), payload.get("manifest")

@@ -8,6 +8,7 @@ from functools import lru_cache
 
 from analysis.device import dtype_name, resolve_device, resolve_dtype
 from analysis.errors import LnscopeError, ModelLoadError
+from analysis.kinds import Limits
 from analysis.loading import ModelCache, model_cache
 from analysis.pairs import ModelSource, PairRegistry, PairSpec
 
@@ -33,6 +34,7 @@ class ServerState:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.default_pair = self.registry.get(settings.pair or self.registry.default_pair).name
+        self.limits = Limits(max_prompts=settings.max_prompts, max_prompt_tokens=settings.max_prompt_tokens)
         self.store = Store(database_url(settings.data_dir, settings.database_url))
         self.jobs = JobManager(self.store, workers=settings.workers, max_queue=settings.max_queue)
         self._errors: dict[tuple[str, str], str] = {}

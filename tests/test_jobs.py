@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from analysis.loading import ModelCache
 from analysis.pairs import PairRegistry
 from server.app import create_app
-from server.kinds import KINDS, Kind
+from analysis.kinds import KINDS, Kind
 from server.settings import Settings
 from server.storage import Store
 

@@ -1,4 +1,4 @@
-"""The analysis kinds the API serves: each maps a validated request onto one analysis/ call.
+"""The analysis kinds: each maps a validated request onto one analysis module call.
 
 Nothing here computes: an adapter prepares plain inputs (tokens, a task batch, text) from the
 request and hands them, with the loaded models, to the analysis module.
@@ -17,8 +17,7 @@ from analysis.loading import LoadedModel
 from analysis.pairs import PairSpec
 from analysis.progress import Progress
 
-from server.schemas import AnalysisRequest
-from server.settings import Settings
+from analysis.requests import AnalysisRequest
 
 
 class RequestError(LnscopeError, ValueError):
@@ -28,6 +27,10 @@ class RequestError(LnscopeError, ValueError):
         super().__init__(message)
         self.loc = loc
         self.message = message
+
+    def __str__(self) -> str:
+        field = ".".join(str(part) for part in self.loc if part != "body")
+        return f"{field}: {self.message}" if field else self.message
 
 
 class NoOptions(BaseModel):
@@ -45,6 +48,14 @@ class Inputs:
     extra: dict[str, Any] | None = None  # what a kind's `prepare` derived (e.g. target token ids)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request's inputs (the server's are configurable)."""
+
+    max_prompts: int = 64
+    max_prompt_tokens: int = 512
+
+
 @dataclass
 class RunContext:
     pair: PairSpec
@@ -53,7 +64,7 @@ class RunContext:
     options: BaseModel
     inputs: Inputs
     progress: Progress
-    settings: Settings
+    limits: Limits
 
 
 InputsNeeded = Literal["prompts_or_task", "task", "text", "feature", "none"]
@@ -70,6 +81,7 @@ class Kind:
     # Checks and derives kind-specific inputs at submission (raises RequestError -> 422):
     # prepare(options, inputs, tokenizer) -> extra dict stored in inputs.extra
     prepare: Callable[[BaseModel, Inputs, Any], dict[str, Any]] | None = None
+    summarize: Callable[[BaseModel], str] | None = None  # a few lines for the terminal
 
 
 KINDS: dict[str, Kind] = {}
@@ -82,4 +94,4 @@ def register(kind: Kind) -> Kind:
 
 def load_builtin_kinds() -> None:
     """Import the adapters that register the built-in kinds (idempotent)."""
-    import server.adapters  # noqa: F401
+    import analysis.adapters  # noqa: F401

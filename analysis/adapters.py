@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from analysis import dla as dla_module
 from analysis import ln_stats as ln_stats_module
 
-from server.kinds import Inputs, Kind, RequestError, RunContext, register
+from analysis.kinds import Inputs, Kind, RequestError, RunContext, register
 
 
 class _Options(BaseModel):
@@ -71,9 +71,21 @@ def _run_dla(ctx: RunContext):
     )
 
 
+def _summarize_dla(result) -> str:
+    lines = [f"{'role':<9} {'target':>9} {'NMAE % (cached scale vs DE)':>30} {'top head':>10}"]
+    for role, r in result.roles.items():
+        t = r.treatments.get("cached_scale") or next(iter(r.treatments.values()))
+        heads = [(abs(v), f"L{l}H{h}") for l, row in enumerate(t.heads) for h, v in enumerate(row)]
+        err = r.errors.get("cached_scale")
+        nmae = f"{err.nmae.value:.3g} [{err.nmae.ci_low:.3g}, {err.nmae.ci_high:.3g}]" if err else "-"
+        mean_target = sum(r.target_value) / len(r.target_value)
+        lines.append(f"{role:<9} {mean_target:>9.3f} {nmae:>30} {max(heads)[1]:>10}")
+    return "\n".join(lines)
+
+
 register(Kind("dla", "Direct logit attribution per head, layer and neuron under three LN treatments, "
               "with the error of DLA against the true direct effect (NMAE, bootstrap CI)",
-              "prompts_or_task", DLAOptions, _run_dla, prepare=_prepare_dla))
+              "prompts_or_task", DLAOptions, _run_dla, prepare=_prepare_dla, summarize=_summarize_dla))
 
 
 # -- LN statistics and loss -------------------------------------------------------------------
@@ -87,7 +99,7 @@ def _run_ln_stats(ctx: RunContext):
     if tokens is None:  # text: BOS + the first context-length chunk of each text
         n_ctx = min(m.bridge.cfg.n_ctx for m in ctx.models.values())
         tokenizer = next(iter(ctx.models.values())).tokenizer
-        seqs = ln_stats_module.text_sequences(tokenizer, ctx.inputs.texts, n_ctx)[: ctx.settings.max_prompts]
+        seqs = ln_stats_module.text_sequences(tokenizer, ctx.inputs.texts, n_ctx)[: ctx.limits.max_prompts]
         from analysis.tasks.base import pad_right, pad_id
 
         tokens, lengths = pad_right(seqs, pad_id(tokenizer)), [len(s) for s in seqs]
@@ -98,9 +110,21 @@ def _run_ln_stats(ctx: RunContext):
 
 
 
+def _summarize_ln_stats(result) -> str:
+    roles = list(result.roles)
+    lines = [f"{'LN':<12}" + "".join(f"{r:>14}" for r in roles) + "   (scale with LN / frozen sigma LN-free)"]
+    for row in result.layer_table:
+        name = row.site if row.layer is None else f"{row.site} L{row.layer}"
+        cells = "".join(f"{'-' if row.values.get(r) is None else f'{row.values[r]:.4g}':>14}" for r in roles)
+        lines.append(f"{name:<12}{cells}")
+    norms = "  ".join(f"{r}: {result.roles[r].resid_norm_layer_mean[-1]:.4g}" for r in roles)
+    lines.append(f"final residual norm  {norms}")
+    return "\n".join(lines)
+
+
 register(Kind("ln-stats", "Per token and layer: ln1/ln2/ln_final scales of models with LN, the frozen "
               "constants of the LN-free twin, and residual-stream norms",
-              "prompts_or_task", LNStatsOptions, _run_ln_stats))
+              "prompts_or_task", LNStatsOptions, _run_ln_stats, summarize=_summarize_ln_stats))
 
 
 class LossOptions(_Options):
@@ -116,8 +140,17 @@ def _run_loss(ctx: RunContext):
                                      progress=ctx.progress)
 
 
+def _summarize_loss(result) -> str:
+    lines = [f"{'model':<9} {'CE (nats)':>10} {'95% CI':>20} {'gap':>8}"]
+    for row in result.table:
+        gap = "" if row.gap_vs_original is None else f"{row.gap_vs_original:+.4f}"
+        lines.append(f"{row.role:<9} {row.ce:>10.4f} {f'[{row.ci_low:.4f}, {row.ci_high:.4f}]':>20} {gap:>8}")
+    return "\n".join(lines)
+
+
 register(Kind("loss", "Held-out cross-entropy of each role (mean, bootstrap CI, per token) and the "
-              "paper's table: original / control / LN-free with gaps", "text", LossOptions, _run_loss))
+              "paper's table: original / control / LN-free with gaps", "text", LossOptions, _run_loss,
+              summarize=_summarize_loss))
 
 
 # -- confidence neurons -----------------------------------------------------------------------
@@ -155,6 +188,16 @@ def _run_confidence(ctx: RunContext):
         lengths=lengths, propagate=o.propagate, rank_by=o.rank_by, progress=ctx.progress)
 
 
+def _summarize_confidence(result) -> str:
+    lines = [f"{'role':<9} {'neuron':>8} {'norm':>7} {'rho':>6} {'|dLoss| total':>14} {'direct':>9} {'LN-mediated':>12}"]
+    for role, r in result.roles.items():
+        for n in r.neurons[:5]:
+            frac = "-" if n.ln_mediated_fraction_loss is None else f"{n.ln_mediated_fraction_loss:.3f}"
+            lines.append(f"{role:<9} {n.neuron:>8} {n.w_out_norm:>7.2f} {n.rho:>6.3f} "
+                         f"{n.abs_dloss_total:>14.4g} {n.abs_dloss_direct:>9.4g} {frac:>12}")
+    return "\n".join(lines)
+
+
 register(Kind("confidence-neurons", "Confidence (entropy) neurons: W_out norm, null-space fraction rho, LogitVar, "
               "mean-ablation total vs direct effect on loss and entropy, LN-mediated fraction",
-              "text", ConfidenceOptions, _run_confidence))
+              "text", ConfidenceOptions, _run_confidence, summarize=_summarize_confidence))
