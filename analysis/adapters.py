@@ -201,3 +201,90 @@ def _summarize_confidence(result) -> str:
 register(Kind("confidence-neurons", "Confidence (entropy) neurons: W_out norm, null-space fraction rho, LogitVar, "
               "mean-ablation total vs direct effect on loss and entropy, LN-mediated fraction",
               "text", ConfidenceOptions, _run_confidence, summarize=_summarize_confidence))
+
+
+# -- patching ------------------------------------------------------------------------------------
+NodeName = Literal["resid_pre", "head", "head_pos", "head_q", "head_k", "head_v", "head_q_pos", "head_k_pos",
+                   "head_v_pos", "mlp", "neuron", "neuron_pos"]
+GROUND_TRUTH_NODES = ["resid_pre", "head", "head_pos", "mlp"]
+
+
+class AtPOptions(_Options):
+    nodes: list[NodeName] = Field(default=["resid_pre", "head", "head_pos", "head_q", "head_k", "head_v", "mlp", "neuron"],
+                                  min_length=1)
+    qk_fix: bool = Field(default=True, description="AtP*: recompute the attention softmax for patched queries/keys")
+    normalize: bool = Field(default=False, description="divide by the clean - corrupt metric gap")
+
+
+class ActPatchOptions(_Options):
+    nodes: list[NodeName] = Field(default=GROUND_TRUTH_NODES, min_length=1)
+    chunk_size: int = Field(default=32, ge=1, le=1024, description="patched copies per forward pass")
+    normalize: bool = False
+
+
+class FidelityOptions(_Options):
+    nodes: list[NodeName] = Field(default=GROUND_TRUTH_NODES, min_length=1)
+    qk_fix: bool = True
+    chunk_size: int = Field(default=32, ge=1, le=1024)
+    normalize: bool = False
+    top_k: int = Field(default=10, ge=1, le=1000)
+    group_size: int = Field(default=8, ge=1, description="prompts per group; the task's prompts form the task set")
+    n_bootstrap: int = Field(default=1000, ge=0, le=10000)
+
+
+def _task(ctx: RunContext):
+    return ctx.inputs.task
+
+
+def _run_atp(ctx: RunContext):
+    from analysis import patching
+
+    o: AtPOptions = ctx.options  # type: ignore[assignment]
+    t = _task(ctx)
+    return patching.attribution_patching_trio(ctx.models, t.clean_tokens, t.corrupt_tokens, t, pair=ctx.pair.name,
+                                              nodes=o.nodes, qk_fix=o.qk_fix, normalize=o.normalize,
+                                              progress=ctx.progress)
+
+
+def _run_act_patch(ctx: RunContext):
+    from analysis import patching
+
+    o: ActPatchOptions = ctx.options  # type: ignore[assignment]
+    t = _task(ctx)
+    return patching.activation_patching_trio(ctx.models, t.clean_tokens, t.corrupt_tokens, t, pair=ctx.pair.name,
+                                             nodes=o.nodes, chunk_size=o.chunk_size, normalize=o.normalize,
+                                             progress=ctx.progress)
+
+
+def _run_fidelity(ctx: RunContext):
+    from analysis import patching
+
+    o: FidelityOptions = ctx.options  # type: ignore[assignment]
+    t = _task(ctx)
+    groups = [t.subset(slice(start, start + o.group_size)) for start in range(0, len(t), o.group_size)]
+    return patching.task_set_fidelity_trio(ctx.models, groups, pair=ctx.pair.name, nodes=o.nodes, qk_fix=o.qk_fix,
+                                           chunk_size=o.chunk_size, normalize=o.normalize, top_k=o.top_k,
+                                           n_bootstrap=o.n_bootstrap, seed=ctx.request.seed, progress=ctx.progress)
+
+
+def _summarize_fidelity(result) -> str:
+    stats = ("pearson", "spearman", "top_k_recall", "normalized_error")
+    lines = [f"{'role':<9} {'node':<10} {'method':<9}" + "".join(f"{s:>18}" for s in stats) + "   (mean over groups)"]
+    for role, r in result.roles.items():
+        rows: dict[tuple[str, str], dict[str, float | None]] = {}
+        for s in r.summaries:
+            rows.setdefault((s.node_type, s.method), {})[s.statistic] = s.interval.mean
+        for (node, method), values in rows.items():
+            cells = "".join(f"{'-' if values.get(s) is None else f'{values[s]:.3f}':>18}" for s in stats)
+            lines.append(f"{role:<9} {node:<10} {method:<9}{cells}")
+    return "\n".join(lines)
+
+
+register(Kind("attribution-patching", "Attribution patching (AtP, denoising) and AtP* (QK fix) at resid_pre, heads, "
+              "head queries/keys/values, MLPs and neurons: two forwards and one backward",
+              "task", AtPOptions, _run_atp))
+register(Kind("activation-patching", "Activation patching ground truth at the same nodes, many patched nodes per "
+              "forward pass", "task", ActPatchOptions, _run_act_patch))
+register(Kind("patching-fidelity", "AtP and AtP* against activation patching over a task set: Pearson, Spearman, "
+              "top-k recall, normalised error (mean and 95% CI per node)", "task", FidelityOptions, _run_fidelity,
+              summarize=_summarize_fidelity))

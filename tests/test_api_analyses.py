@@ -132,3 +132,40 @@ def test_eight_concurrent_clients_get_the_numbers_of_sequential_runs(client):
         for role in ("original", "ln_free", "control"):
             a, b = seq["roles"][role], con["result"]["roles"][role]
             assert a["treatments"] == b["treatments"] and a["target_value"] == b["target_value"]
+
+
+IOI_PAIRS = [
+    {"clean": "When Mary and John went to the store, John gave a drink to",
+     "corrupt": "When Mary and John went to the store, Mary gave a drink to", "correct": " Mary", "wrong": " John"},
+    {"clean": "When John and Mary went to the store, Mary gave a drink to",
+     "corrupt": "When John and Mary went to the store, John gave a drink to", "correct": " John", "wrong": " Mary"},
+]
+
+
+def test_patching_kinds_over_http_equal_the_library(client):
+    from analysis.patching import activation_patching_trio
+    from analysis.tasks import make_custom
+
+    task = {"name": "custom", "pairs": IOI_PAIRS}
+    atp = client.post("/api/v1/analyses/attribution-patching?wait=true&timeout=120",
+                      json={"pair": "local", "roles": ["ln_free"], "task": task, "options": {"nodes": ["head", "mlp"]}})
+    assert atp.status_code == 200, atp.text
+    maps = atp.json()["result"]["roles"]["ln_free"]["atp"]
+    assert {m for m in maps} >= {"head", "mlp"}
+
+    act = client.post("/api/v1/analyses/activation-patching?wait=true&timeout=120",
+                      json={"pair": "local", "task": task, "options": {"nodes": ["resid_pre", "head"]}})
+    assert act.status_code == 200, act.text
+    state = client.app.state.lnscope
+    models = {r: state.load_role(state.registry.get("local"), r) for r in ("original", "ln_free", "control")}
+    batch = make_custom(models["original"].tokenizer, IOI_PAIRS)
+    direct = activation_patching_trio(models, batch.clean_tokens, batch.corrupt_tokens, batch, nodes=["resid_pre", "head"])
+    assert json.loads(direct.model_dump_json())["roles"] == act.json()["result"]["roles"]
+
+    fid = client.post("/api/v1/analyses/patching-fidelity?wait=true&timeout=120",
+                      json={"pair": "local", "roles": ["original", "ln_free"], "task": task,
+                            "options": {"nodes": ["head"], "group_size": 1, "n_bootstrap": 20}})
+    assert fid.status_code == 200, fid.text
+    summaries = fid.json()["result"]["roles"]["ln_free"]["summaries"]
+    assert {(s["statistic"], s["method"]) for s in summaries} >= {("pearson", "atp"), ("top_k_recall", "atp_star")}
+    assert client.post("/api/v1/analyses/activation-patching", json={"pair": "local", "prompts": ["a"]}).status_code == 422

@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--roles", nargs="+", choices=["original", "ln_free", "control"])
     p.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--task", choices=["ioi", "greater_than", "induction"], help="a built-in task")
+    p.add_argument("--custom-pairs", type=Path, metavar="JSON",
+                   help='a custom task: a JSON list of {"clean", "corrupt", "correct", "wrong"}')
     p.add_argument("--n-prompts", type=int, default=16)
     p.add_argument("--split", default="heldout", choices=["heldout", "train", "all"])
     p.add_argument("--text-file", type=Path, help="text for loss / ln-stats / confidence-neurons (blank-line separated)")
@@ -48,9 +50,15 @@ def run(args: argparse.Namespace) -> int:
     pair = PairRegistry.load().get(args.pair)
     try:
         options = kind.options.model_validate(json.loads(args.options))
+        if args.task and args.custom_pairs:
+            raise ConfigError("give --task or --custom-pairs, not both")
+        task = None
+        if args.task:
+            task = {"name": args.task, "n_prompts": args.n_prompts, "seed": args.seed, "split": args.split}
+        elif args.custom_pairs:
+            task = {"name": "custom", "pairs": json.loads(args.custom_pairs.read_text())}
         request = AnalysisRequest(
-            pair=pair.name, roles=args.roles, prompts=args.prompts, seed=args.seed,
-            task={"name": args.task, "n_prompts": args.n_prompts, "seed": args.seed, "split": args.split} if args.task else None,
+            pair=pair.name, roles=args.roles, prompts=args.prompts, seed=args.seed, task=task,
             text=split_documents(args.text_file.read_text()) if args.text_file else None,
         )
     except (ValidationError, json.JSONDecodeError) as exc:

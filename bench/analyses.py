@@ -1,0 +1,232 @@
+"""Benchmarks of the patching analyses (never run by the tests).
+
+For (a) the `tiny` trio's original model, if models/tiny/* exists, and (b) a GPT-2-small-shaped model with
+random weights (12 layers, 12 heads, d_model 768, d_mlp 3072, vocab 50257), measured in one run:
+  - AtP over all default nodes (with the AtP* QK fix) / one forward + backward      (target <= 3)
+  - TransformerLens's per-node activation-patching sweeps / our batched sweep       (target >= 5),
+    asserting both give the same patched metric within 1e-4
+  - DLA for all heads (analysis.dla, cached-scale treatment) / one forward          (target <= 2)
+  - peak memory: torch.cuda.max_memory_allocated per phase on CUDA; the process's peak RSS
+    (resource.ru_maxrss, cumulative) on CPU.
+
+    python bench/analyses.py [--device cuda] [--quick] [--threads N] [--model DIR ...]
+--quick: 4 prompts x 8 tokens and the TransformerLens comparison on resid_pre/head/mlp only (CPU-friendly);
+default: 16 prompt pairs of 16 tokens and also head x position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.loading import load_model  # noqa: E402
+from analysis.pairs import ModelSource  # noqa: E402
+from analysis.patching import DEFAULT_NODES, activation_patching, attribution_patching  # noqa: E402
+
+
+def gpt2_small_shaped(root: Path) -> Path:
+    """A randomly initialised GPT-2-small-shaped checkpoint with a small byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=12, n_head=12, n_embd=768, n_inner=3072, vocab_size=50257, n_positions=1024)
+    model = GPT2LMHeadModel(config).eval()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["When Mary and John went to the store, John gave a drink to Mary."] * 10, trainer)
+    eos = "<|endoftext|>"
+    tokenizer = GPT2TokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos)
+    path = root / "gpt2-small-shaped"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def prompts(vocab: int, n: int, pos: int, seed: int = 0):
+    """Random clean prompts; corrupt = clean with two positions replaced; logit-diff metric at the end."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (n, pos), generator=gen)
+    corrupt = clean.clone()
+    for p in (pos // 4, pos // 2):
+        corrupt[:, p] = torch.randint(0, vocab, (n,), generator=gen)
+    answers = torch.randint(0, vocab, (n, 2), generator=gen)
+
+    def metric(logits):
+        last = logits[:, -1]
+        a = answers.to(last.device)
+        return last.gather(1, a[:, :1])[:, 0] - last.gather(1, a[:, 1:])[:, 0]
+
+    return clean, corrupt, answers, metric
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> tuple[float, object]:
+    """Median wall time of `repeats` calls after one warm-up call."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+class Memory:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> str:
+        if self.device.type == "cuda":
+            return f"{torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB (CUDA peak)"
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process peak RSS)"
+
+
+def tl_sweeps(bridge, clean, corrupt, metric, nodes):
+    """TransformerLens 4.3's one-forward-per-node sweeps: node type -> patched metric (batch mean)."""
+    from transformer_lens import patching
+
+    fns = {"resid_pre": patching.get_act_patch_resid_pre, "head": patching.get_act_patch_attn_head_out_all_pos,
+           "head_pos": patching.get_act_patch_attn_head_out_by_pos, "mlp": patching.get_act_patch_mlp_out,
+           "head_q": patching.get_act_patch_attn_head_q_all_pos, "head_k": patching.get_act_patch_attn_head_k_all_pos,
+           "head_v": patching.get_act_patch_attn_head_v_all_pos}
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(clean)
+    out = {}
+    with contextlib.redirect_stderr(io.StringIO()):  # tqdm bars
+        for n in nodes:
+            out[n] = fns[n](bridge, corrupt, cache, metric, reduce="mean").double().cpu()
+    return out
+
+
+def bench_model(name: str, model, n_prompts: int, n_pos: int, tl_nodes: list[str], repeats: int, chunk: int) -> None:
+    bridge, device = model.bridge, model.device
+    mem = Memory(device)
+    clean, corrupt, answers, metric = prompts(int(bridge.cfg.d_vocab), n_prompts, n_pos)
+    clean, corrupt = clean.to(device), corrupt.to(device)
+    print(f"\n== {name}: {bridge.cfg.n_layers} layers x {bridge.cfg.n_heads} heads, d_model {bridge.cfg.d_model}, "
+          f"d_mlp {bridge.cfg.d_mlp}, vocab {bridge.cfg.d_vocab}; {n_prompts} prompts x {n_pos} tokens, "
+          f"{device}, {model.dtype}")
+
+    def forward():
+        with torch.no_grad():
+            return bridge(corrupt)
+
+    def forward_backward():
+        logits = bridge(corrupt)
+        metric(logits).sum().backward()
+        bridge.zero_grad(set_to_none=True)
+
+    mem.reset()
+    t_fwd, _ = timed(forward, device, repeats)
+    t_fb, _ = timed(forward_backward, device, repeats)
+    print(f"one forward {t_fwd * 1e3:.1f} ms; one forward+backward {t_fb * 1e3:.1f} ms; peak {mem.peak()}")
+
+    mem.reset()
+    t_atp, atp = timed(lambda: attribution_patching(model, clean, corrupt, metric, DEFAULT_NODES, qk_fix=True),
+                       device, repeats)
+    n_atp = sum(m.tensor().numel() for m in atp.atp.values())
+    print(f"AtP + AtP* over {n_atp} nodes {list(DEFAULT_NODES)}: {t_atp * 1e3:.1f} ms = "
+          f"{t_atp / t_fb:.2f} x forward+backward (target <= 3); peak {mem.peak()}")
+
+    mem.reset()
+    start = time.perf_counter()
+    ours = activation_patching(model, clean, corrupt, metric, tl_nodes, chunk_size=chunk)
+    sync(device)
+    t_ours = time.perf_counter() - start
+    peak_ours = mem.peak()
+    n_nodes = sum(m.tensor().numel() for m in ours.effects.values())
+    start = time.perf_counter()
+    ref = tl_sweeps(bridge, clean, corrupt, metric, tl_nodes)
+    sync(device)
+    t_tl = time.perf_counter() - start
+    diff = max(float((ours.effects[n].tensor() + ours.metric.corrupt - ref[n]).abs().max()) for n in tl_nodes)
+    assert diff < 1e-4, f"batched activation patching differs from TransformerLens by {diff}"
+    print(f"activation patching {tl_nodes} ({n_nodes} nodes): TransformerLens {t_tl:.2f} s, ours {t_ours:.2f} s "
+          f"(chunk {chunk}, {ours.n_forward_passes} passes) = {t_tl / t_ours:.1f} x faster (target >= 5); "
+          f"max |diff| {diff:.1e}; peak {peak_ours}")
+
+    try:
+        from analysis.dla import DLATarget, dla
+    except ImportError:
+        print("DLA: analysis.dla not available, skipped")
+        return
+    target = DLATarget(kind="task_metric", answer_tokens=answers.tolist())
+    mem.reset()
+    end = [n_pos - 1] * n_prompts
+    t_dla, _ = timed(lambda: dla(model, corrupt, target=target, end_pos=end, treatments=["cached_scale"], top_k_neurons=0,
+                                 n_bootstrap=0, batch_size=n_prompts), device, repeats)
+    print(f"DLA for all heads (cached_scale): {t_dla * 1e3:.1f} ms = {t_dla / t_fwd:.2f} x one forward "
+          f"(target <= 2); peak {mem.peak()}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    parser.add_argument("--quick", action="store_true", help="4 prompts x 8 tokens, TL comparison on resid_pre/head/mlp")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--chunk-size", type=int, default=None, help="nodes per batched forward (default 32, quick 16)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--skip-gpt2", action="store_true")
+    parser.add_argument("--model", type=Path, action="append", default=[],
+                        help="also benchmark this save_pretrained directory (as role original)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_prompts, n_pos = (4, 8) if args.quick else (16, 16)
+    tl_nodes = ["resid_pre", "head", "mlp"] if args.quick else ["resid_pre", "head", "head_pos", "mlp"]
+    repeats = args.repeats or (1 if args.quick else 3)
+    chunk = args.chunk_size or (16 if args.quick else 32)
+
+    if not args.skip_tiny:
+        from analysis.pairs import PairRegistry
+
+        try:
+            spec = PairRegistry.load().get("tiny")
+            source = spec.source("original")
+            if source.path is not None and source.path.is_dir():
+                model = load_model(source, "original", device=args.device)
+                bench_model("tiny (original)", model, n_prompts, n_pos, tl_nodes, repeats, chunk)
+            else:
+                print("tiny trio not built (models/tiny missing): skipped")
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
+            print(f"tiny trio: skipped ({type(exc).__name__}: {exc})")
+
+    for path in args.model:
+        bench_model(f"{path}", load_model(ModelSource(path=path), "original", device=args.device),
+                    n_prompts, n_pos, tl_nodes, repeats, chunk)
+
+    if not args.skip_gpt2:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = gpt2_small_shaped(Path(tmp))
+            model = load_model(ModelSource(path=path), "original", device=args.device)
+            bench_model("GPT-2-small-shaped (random weights)", model, n_prompts, n_pos, tl_nodes, repeats, chunk)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Attribution patching, AtP*, batched activation patching and fidelity, against independent references:
+TransformerLens 4.3's own patching sweeps and attribution_patch, exact linear cases, numpy statistics."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import patching as tl_patching
+from transformer_lens.tools.analysis.attribution_patching import attribution_patch
+
+from analysis.loading import load_model
+from analysis.pairs import ModelSource
+from analysis.patching import (
+    ActPatchResult,
+    AtPResult,
+    FidelityResult,
+    TaskSetFidelity,
+    TrioResult,
+    activation_patching,
+    attribution_patching,
+    bootstrap_mean_ci,
+    normalized_error,
+    patching_fidelity_trio,
+    pearson,
+    rankdata,
+    spearman,
+    task_set_fidelity,
+    top_k_recall,
+)
+from analysis.patching.fidelity import node_fidelity
+from analysis.progress import Cancelled, Progress
+from analysis.tasks import CustomBatch
+
+N_POS = 5
+ANSWERS = torch.tensor([[5, 9], [11, 7]])
+
+
+def make_pair(seed: int = 0, n: int = 2, pos: int = N_POS):
+    """clean/corrupt [n, pos] differing at two positions (a subject-swap-like corruption)."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(1, 300, (n, pos), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, 1] = torch.randint(1, 300, (n,), generator=gen)
+    corrupt[:, 3] = torch.randint(1, 300, (n,), generator=gen)
+    return clean, corrupt
+
+
+def logit_diff(answers: torch.Tensor):
+    """metric(logits [b, pos, vocab]) = logit[a0] - logit[a1] at the last position, per prompt."""
+
+    def metric(logits):
+        last = logits[:, -1]
+        a = answers.to(last.device)
+        return last.gather(1, a[:, :1])[:, 0] - last.gather(1, a[:, 1:])[:, 0]
+
+    return metric
+
+
+METRIC = logit_diff(ANSWERS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: thread contention costs more than it gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(trio_dirs):
+    return {role: load_model(ModelSource(path=trio_dirs[role]), role, device="cpu", dtype="float64")
+            for role in ("original", "ln_free")}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+# --- ground truth == TransformerLens --------------------------------------------------------------
+
+@pytest.mark.parametrize("role", ["original", "ln_free"])
+def test_batched_activation_patching_equals_transformer_lens_sweeps(models, pair, role):
+    model = models[role]
+    bridge = model.bridge
+    clean, corrupt = pair
+    # chunk_size 7: chunks mix node types and layers and the last one is short
+    ours = activation_patching(model, clean, corrupt, METRIC, ["resid_pre", "head", "head_pos", "mlp", "head_k"],
+                               chunk_size=7)
+    _, clean_cache = bridge.run_with_cache(clean)
+    corrupt_value = ours.metric.corrupt
+    sweeps = {
+        "resid_pre": tl_patching.get_act_patch_resid_pre,
+        "head": tl_patching.get_act_patch_attn_head_out_all_pos,
+        "mlp": tl_patching.get_act_patch_mlp_out,
+        "head_k": tl_patching.get_act_patch_attn_head_k_all_pos,
+    }
+    for node, sweep in sweeps.items():
+        reference = sweep(bridge, corrupt, clean_cache, METRIC, reduce="mean").double()  # patched metric
+        assert torch.allclose(ours.effects[node].tensor() + corrupt_value, reference, atol=1e-5, rtol=0), node
+    # head x position: a subset of cells (one TransformerLens forward per cell)
+    rows = [(0, 0, 1), (0, 3, 2), (1, 1, 0), (1, 3, 3), (1, 4, 1), (0, 4, 0)]
+    index_df = pd.DataFrame(rows, columns=["layer", "pos", "head"])
+    reference = tl_patching.get_act_patch_attn_head_out_by_pos(
+        bridge, corrupt, clean_cache, METRIC, index_axis_names=None, index_df=index_df, reduce="mean").double()
+    head_pos = ours.effects["head_pos"].tensor()
+    assert ours.effects["head_pos"].axes == ["layer", "pos", "head"]
+    got = torch.stack([head_pos[r] for r in rows]) + corrupt_value
+    assert torch.allclose(got, reference, atol=1e-5, rtol=0)
+    assert ours.n_forward_passes == -(-(2 * N_POS + 8 + 2 * N_POS * 4 + 2 * N_POS + 8) // 7)
+    # clean positions never change: patching position 0 (identical in both runs) has no effect
+    assert ours.effects["resid_pre"].tensor()[:, 0].abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("role", ["original", "ln_free"])
+def test_atp_equals_transformer_lens_attribution_patch(models, pair, role):
+    model = models[role]
+    clean, corrupt = pair
+    shared = torch.tensor([[5, 9], [5, 9]])  # TL's metric sees one prompt at a time: same answers for all
+    ours = attribution_patching(model, clean, corrupt, logit_diff(shared), ["head_pos", "mlp"], qk_fix=False)
+    one = logit_diff(shared[:1])
+    reference = attribution_patch(model.bridge, clean, corrupt, lambda logits: one(logits)[0])  # batch means
+    head_pos, mlp = ours.atp["head_pos"].tensor(), ours.atp["mlp"].tensor()
+    n_checked = 0
+    for node, score in reference.node_scores.items():
+        if node.kind == "attn_head_out":
+            assert abs(head_pos[node.layer, node.position, node.head].item() - score) < 1e-6
+        elif node.kind == "mlp_out":
+            assert abs(mlp[node.layer, node.position].item() - score) < 1e-6
+        else:
+            continue
+        n_checked += 1
+    assert n_checked == 2 * N_POS * 4 + 2 * N_POS
+    assert mlp.abs().max() > 1e-3  # not vacuous
+
+
+def test_atp_is_exact_where_the_metric_is_linear_in_the_node(models, pair):
+    """Final-layer MLP output and neurons feed the logits linearly in the LN-free model (no ln_final):
+    AtP == activation patching there; with LayerNorm (ln_final) it is not."""
+    clean, corrupt = pair
+    nodes = ["mlp", "neuron"]
+    gaps = {}
+    for role, model in models.items():
+        atp = attribution_patching(model, clean, corrupt, METRIC, nodes, qk_fix=False)
+        act = activation_patching(model, clean, corrupt, METRIC, nodes, chunk_size=128)
+        gaps[role] = {n: (atp.atp[n].tensor()[-1] - act.effects[n].tensor()[-1]).abs().max().item() for n in nodes}
+        assert act.effects["mlp"].tensor()[-1].abs().max() > 1e-3
+    assert max(gaps["ln_free"].values()) < 1e-9
+    assert min(gaps["original"].values()) > 1e-6
+
+
+# --- AtP* QK fix ----------------------------------------------------------------------------------
+
+QK_NODES = ["head", "head_q", "head_k", "head_q_pos", "head_k_pos"]
+
+
+def test_qk_fix_is_exact_when_downstream_of_the_pattern_is_linear(models, pair):
+    """LN-free model with the last MLP zero-ablated: the metric is linear in the last layer's attention
+    pattern, so recomputing the softmax exactly for a patched query/key (AtP*) equals activation patching of
+    hook_q / hook_k there, while plain AtP (linear through the softmax) does not."""
+    clean, corrupt = pair
+    model = models["ln_free"]
+    zero = [("blocks.1.hook_mlp_out", lambda t, hook=None: torch.zeros_like(t))]
+    with model.bridge.hooks(fwd_hooks=zero):
+        atp = attribution_patching(model, clean, corrupt, METRIC, QK_NODES[1:], qk_fix=True)
+        act = activation_patching(model, clean, corrupt, METRIC, QK_NODES[1:], chunk_size=64)
+    for node in QK_NODES[1:]:
+        truth = act.effects[node].tensor()[-1]
+        assert (atp.atp_star[node].tensor()[-1] - truth).abs().max() < 1e-13, node
+        assert (atp.atp[node].tensor()[-1] - truth).abs().max() > 1e-9, node  # measured 2.5e-8 .. 4.4e-6
+        assert truth.abs().max() > 1e-5, node
+
+
+def test_qk_fix_is_closer_to_query_key_patching_than_plain_atp(models, pair):
+    clean, corrupt = pair
+    model = models["original"]
+    atp = attribution_patching(model, clean, corrupt, METRIC, QK_NODES, qk_fix=True)
+    act = activation_patching(model, clean, corrupt, METRIC, QK_NODES, chunk_size=128)
+    for node in ["head_q", "head_k", "head_q_pos", "head_k_pos"]:
+        truth = act.effects[node].tensor()
+        star_err = (atp.atp_star[node].tensor() - truth).abs().sum()
+        plain_err = (atp.atp[node].tensor() - truth).abs().sum()
+        assert star_err < plain_err, node
+    # rows are independent: patching every query = the sum over positions of single-query patches
+    star = atp.atp_star
+    assert torch.allclose(star["head_q"].tensor(), star["head_q_pos"].tensor().sum(1), atol=1e-12)
+    # AtP* for a head = its Q + K + V node estimates (V is linear: plain AtP on hook_v)
+    v = attribution_patching(model, clean, corrupt, METRIC, ["head_v"], qk_fix=False).atp["head_v"].tensor()
+    assert torch.allclose(star["head"].tensor(), star["head_q"].tensor() + star["head_k"].tensor() + v, atol=1e-12)
+
+
+def test_zero_difference_gives_zero_estimates(models, pair):
+    clean, _ = pair
+    model = models["original"]
+    atp = attribution_patching(model, clean, clean.clone(), METRIC, ["resid_pre", "neuron", *QK_NODES])
+    for maps in (atp.atp, atp.atp_star):
+        for node, m in maps.items():
+            assert m.tensor().abs().max() == 0.0, node
+    act = activation_patching(model, clean, clean.clone(), METRIC, ["head_q", "head_k_pos"], chunk_size=64)
+    for node, m in act.effects.items():
+        assert m.tensor().abs().max() < 1e-12, node
+
+
+# --- fidelity statistics --------------------------------------------------------------------------
+
+def test_correlations_match_numpy_references():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    y = 0.6 * x + y
+    assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    ranks = lambda a: np.argsort(np.argsort(a)) + 1.0  # no ties  # noqa: E731
+    assert spearman(x, y) == pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1], abs=1e-12)
+    # ties share their mean rank (scipy's 'average'): x ranks [1, 2.5, 2.5, 4]
+    assert rankdata([1.0, 2.0, 2.0, 3.0]).tolist() == [1.0, 2.5, 2.5, 4.0]
+    rx, ry = np.array([1, 2.5, 2.5, 4]), np.array([1.0, 3.0, 2.0, 4.0])
+    expected = ((rx - 2.5) * (ry - 2.5)).sum() / np.sqrt(((rx - 2.5) ** 2).sum() * ((ry - 2.5) ** 2).sum())
+    assert spearman([1, 2, 2, 3], [10, 30, 20, 40]) == pytest.approx(expected, abs=1e-12)
+    assert pearson([1, 1, 1], [1, 2, 3]) is None
+    # torch tensors of any shape are flattened
+    assert pearson(torch.tensor(x).reshape(5, 10), torch.tensor(y).reshape(5, 10)) == pytest.approx(pearson(x, y))
+
+
+def test_top_k_recall_and_normalized_error_hand_examples():
+    act = np.array([10, -9, 8, 7, 6, 5, 4, 3, 2, 1, 0.5, 0.1])
+    attr = act.copy()
+    attr[0], attr[11] = 0.0, -100.0  # the largest node drops out of the top 10, a small one enters
+    assert top_k_recall(act, attr) == (0.9, 10)
+    assert top_k_recall(act, act) == (1.0, 10)
+    assert top_k_recall([3.0, -1.0, 2.0], [0.0, 5.0, 1.0], k=2) == (0.5, 2)  # top {0,2} vs {1,2}
+    # both maps divided by act at the reference cell (argmax |act| = index 1, value -4)
+    err, ref, value = normalized_error([2.0, -4.0, 1.0], [1.0, -3.0, 0.0])
+    assert (ref, value) == (1, -4.0) and err == pytest.approx((1 + 1 + 1) / 4)
+    f = node_fidelity("resid_pre", "atp", torch.tensor([[2.0, -4.0], [1.0, 0.0]]), torch.tensor([[1.0, -3.0], [0.0, 0.0]]))
+    assert f.reference_index == [0, 1] and f.normalized_error == pytest.approx(0.75) and f.top_k == 4
+
+
+def test_bootstrap_ci():
+    values = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [10.0, 5.0]])
+    mean, lo, hi = bootstrap_mean_ci(values, n_bootstrap=2000, seed=1)
+    assert mean.tolist() == [4.0, 5.0] and lo[1] == hi[1] == 5.0
+    assert 1.0 <= lo[0] < 4.0 < hi[0] <= 10.0
+    assert torch.equal(bootstrap_mean_ci(values, 2000, 1)[1], lo)  # seeded
+    one = bootstrap_mean_ci(values[:1])
+    assert one[1].tolist() == one[2].tolist() == [1.0, 5.0]
+
+
+# --- trio, task sets, JSON ------------------------------------------------------------------------
+
+def test_trio_fidelity_manifest_and_json_round_trip(trio_dirs, models, pair):
+    clean, corrupt = pair
+    trio = dict(models)
+    trio["control"] = load_model(ModelSource(path=trio_dirs["control"]), "control", device="cpu", dtype="float64")
+    seen = []
+    result = patching_fidelity_trio(trio, clean, corrupt, METRIC, pair="test", nodes=["resid_pre", "head", "head_q"],
+                                    normalize=True, progress=Progress(lambda s, f: seen.append(f)))
+    assert set(result.roles) == {"original", "ln_free", "control"} and set(result.manifest.roles) == set(result.roles)
+    assert result.manifest.pair == "test" and result.manifest.roles["ln_free"].ln_treatment == "removed"
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    fid = result.roles["original"]
+    assert {(f.node_type, f.method) for f in fid.fidelity} == {
+        ("resid_pre", "atp"), ("head", "atp"), ("head", "atp_star"), ("head_q", "atp"), ("head_q", "atp_star")}
+    # normalised: effects are raw effects / (mean clean - mean corrupt)
+    raw = activation_patching(trio["original"], clean, corrupt, METRIC, ["resid_pre"])
+    assert torch.allclose(fid.activation.effects["resid_pre"].tensor() * raw.metric.denominator,
+                          raw.effects["resid_pre"].tensor(), atol=1e-12)
+    text = result.model_dump_json()
+    back = TrioResult[FidelityResult].model_validate_json(text)
+    assert back == result and json.loads(text)["kind"] == "patching_fidelity"
+
+
+def test_task_set_fidelity_and_json_round_trip(models):
+    model = models["ln_free"]
+    groups = []
+    for seed in range(2):
+        clean, corrupt = make_pair(seed + 10)
+        groups.append((f"set{seed}", clean, corrupt, METRIC))
+    clean, corrupt = make_pair(12)
+    task = CustomBatch(name="custom", clean_tokens=clean, corrupt_tokens=corrupt, end_pos=torch.tensor([N_POS - 1] * 2),
+                       prompts=["a", "b"], corrupt_prompts=["c", "d"], answer_tokens=ANSWERS)
+    groups.append(task)  # a task batch is a group (its .metric reads end_pos)
+    result = task_set_fidelity(model, groups, ["resid_pre", "mlp"], n_bootstrap=200, keep_groups=True)
+    assert result.groups == ["set0", "set1", "custom#2"] and result.n_prompts == 6
+    by_metric = attribution_patching(model, clean, corrupt, METRIC, ["mlp"], qk_fix=False)
+    by_task = attribution_patching(model, clean, corrupt, task, ["mlp"], qk_fix=False)
+    assert by_task.atp["mlp"] == by_metric.atp["mlp"] == result.per_group[2].atp.atp["mlp"]
+    s = result.summary("mlp", "pearson")
+    assert s.per_group == [g.get("mlp").pearson for g in result.per_group]
+    assert s.interval.mean == pytest.approx(np.mean(s.per_group)) and s.interval.lo <= s.interval.mean <= s.interval.hi
+    act = next(m for m in result.node_maps if m.node_type == "mlp" and m.method == "activation")
+    pooled = torch.stack([g.activation.effects["mlp"].tensor() for g in result.per_group]).mean(0)  # equal group sizes
+    assert torch.allclose(act.mean.tensor(), pooled, atol=1e-12)
+    assert (act.lo.tensor() <= act.mean.tensor() + 1e-12).all() and (act.hi.tensor() >= act.mean.tensor() - 1e-12).all()
+    assert TaskSetFidelity.model_validate_json(result.model_dump_json()) == result
+
+
+def test_results_round_trip_and_cancel(models, pair):
+    clean, corrupt = pair
+    model = models["original"]
+    atp = attribution_patching(model, clean, corrupt, METRIC, ["resid_pre", "head", "head_k_pos"])
+    assert AtPResult.model_validate_json(atp.model_dump_json()) == atp
+    assert atp.manifest.kind == "attribution_patching" and atp.atp["resid_pre"].shape == [2, N_POS]
+    assert atp.atp["head_k_pos"].axis_labels["head"] == ["H0", "H1", "H2", "H3"]
+    with pytest.raises(Cancelled):
+        activation_patching(model, clean, corrupt, METRIC, ["resid_pre"], progress=Progress(should_cancel=lambda: True))
+    with pytest.raises(ValueError):
+        attribution_patching(model, clean, corrupt[:, :3], METRIC)
+    with pytest.raises(ValueError):
+        activation_patching(model, clean, corrupt, lambda logits: logits[:, -1, 0].sum(), ["mlp"])
+    assert ActPatchResult  # exported
