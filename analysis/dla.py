@@ -553,18 +553,6 @@ def dla(
     )
 
 
-class _Span:
-    """A Progress seen through a window [start, end] of the parent's fraction, stages prefixed."""
-
-    def __init__(self, parent: Progress, prefix: str, start: float, end: float) -> None:
-        self.parent, self.prefix, self.start, self.end = parent, prefix, start, end
-
-    def stage(self, name: str, fraction: float) -> None:
-        self.parent.stage(f"{self.prefix}: {name}", self.start + (self.end - self.start) * fraction)
-
-    def check(self) -> None:
-        self.parent.check()
-
 
 def head_differences(per_role: Mapping[str, Any], attr: str = "heads") -> dict[str, dict[str, list[list[float]]]]:
     """'ln_free - original' and 'control - original' of a per-treatment [layer][head] field."""
@@ -606,10 +594,10 @@ def dla_trio(
     roles = list(models)
     per_role: dict[str, DLAModelResult] = {}
     for i, role in enumerate(roles):
-        span = _Span(progress, role, i / len(roles), (i + 1) / len(roles))
+        span = progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles))
         per_role[role] = dla(models[role], tokens, target=target, end_pos=end_pos, treatments=treatments,
                              top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap, seed=seed,
-                             batch_size=batch_size, progress=span)  # type: ignore[arg-type]
+                             batch_size=batch_size, progress=span)
     options = dict(treatments=list(treatments), top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap,
                    batch_size=batch_size, target=target.model_dump())
     return DLAResult(

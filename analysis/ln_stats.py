@@ -325,16 +325,6 @@ def ln_stats(
     )
 
 
-class _Span:
-    def __init__(self, parent: Progress, prefix: str, start: float, end: float) -> None:
-        self.parent, self.prefix, self.start, self.end = parent, prefix, start, end
-
-    def stage(self, name: str, fraction: float) -> None:
-        self.parent.stage(f"{self.prefix}: {name}", self.start + (self.end - self.start) * fraction)
-
-    def check(self) -> None:
-        self.parent.check()
-
 
 def _ordered(roles: Sequence[str]) -> list[str]:
     return [r for r in PAPER_ORDER if r in roles] + [r for r in roles if r not in PAPER_ORDER]
@@ -355,9 +345,9 @@ def ln_stats_trio(
     roles = _ordered(list(models))
     out: dict[str, LNStatsModelResult] = {}
     for i, role in enumerate(roles):
-        span = _Span(progress, role, i / len(roles), (i + 1) / len(roles))
+        span = progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles))
         out[role] = ln_stats(models[role], tokens, lengths=lengths, batch_size=batch_size,
-                             per_prompt=per_prompt, progress=span)  # type: ignore[arg-type]
+                             per_prompt=per_prompt, progress=span)
     n_layers = max(r.n_layers for r in out.values())
     rows = []
     for site, layer in [(s, l) for l in range(n_layers) for s in ("ln1", "ln2")] + [("ln_final", None)]:
@@ -534,9 +524,9 @@ def loss_trio(
     roles = _ordered(list(models))
     out: dict[str, LossModelResult] = {}
     for i, role in enumerate(roles):
-        span = _Span(progress, role, i / len(roles), (i + 1) / len(roles))
+        span = progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles))
         out[role] = loss(models[role], texts, max_tokens=max_tokens, context=context, batch_size=batch_size,
-                         n_bootstrap=n_bootstrap, seed=seed, per_token=per_token, progress=span)  # type: ignore[arg-type]
+                         n_bootstrap=n_bootstrap, seed=seed, per_token=per_token, progress=span)
     base = out["original"].mean_loss if "original" in out else None
     table = [
         CERow(role=role, ce=r.mean_loss, ci_low=r.ci_low, ci_high=r.ci_high, n_tokens=r.n_tokens,

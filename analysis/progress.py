@@ -43,6 +43,10 @@ class Progress:
             self._on_progress(name, min(max(float(fraction), 0.0), 1.0))
         self.check()
 
+    def span(self, prefix: str, start: float, end: float) -> "Progress":
+        """A child reporting into [start, end] of this fraction, its stage names prefixed."""
+        return _Span(self, prefix, start, end)
+
     def iterate(self, items: Iterable[T], name: str, total: int | None = None,
                 start: float = 0.0, end: float = 1.0) -> Iterator[T]:
         """Yield items, reporting the fraction between `start` and `end` before each one."""
@@ -52,6 +56,19 @@ class Progress:
             self.stage(name, start + (end - start) * i / max(total, 1))
             yield item
         self.stage(name, end)
+
+
+class _Span(Progress):
+    def __init__(self, parent: Progress, prefix: str, start: float, end: float) -> None:
+        super().__init__()
+        self.parent, self.prefix, self.start, self.end = parent, prefix, start, end
+
+    def check(self) -> None:
+        self.parent.check()
+
+    def stage(self, name: str, fraction: float) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        self.parent.stage(f"{self.prefix}{name}", self.start + (self.end - self.start) * fraction)
 
 
 def ensure(progress: Progress | None) -> Progress:

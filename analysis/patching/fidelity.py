@@ -116,25 +116,13 @@ class _GroupRun:
     atp_star: dict[str, torch.Tensor]
 
 
-class _Span:
-    """Progress of a sub-task mapped into [start, end] of the parent's fraction."""
-
-    def __init__(self, parent: Progress, prefix: str, start: float, end: float) -> None:
-        self.parent, self.prefix, self.start, self.end = parent, prefix, start, end
-
-    def stage(self, name: str, fraction: float) -> None:
-        self.parent.stage(f"{self.prefix}{name}", self.start + (self.end - self.start) * min(max(fraction, 0.0), 1.0))
-
-    def check(self) -> None:
-        self.parent.check()
-
 
 def _run_group(model, clean, corrupt, metric_fn, nodes, *, qk_fix, chunk_size, normalize, top_k, progress, name=None):
     progress = ensure(progress)
     atp_t = atp_tensors(model, clean, corrupt, metric_fn, nodes, qk_fix=qk_fix,
-                        progress=_Span(progress, "", 0.0, 0.1))
+                        progress=progress.span("", 0.0, 0.1))
     act_t = act_patch_tensors(model, clean, corrupt, metric_fn, atp_t.node_types, chunk_size=chunk_size,
-                              progress=_Span(progress, "", 0.1, 1.0))
+                              progress=progress.span("", 0.1, 1.0))
     atp_res = atp_result(model, atp_t, qk_fix=qk_fix, normalize=normalize)
     act_res = act_patch_result(model, act_t, normalize=normalize)
     fids = []
@@ -256,7 +244,7 @@ def task_set_fidelity(
         raise ValueError(f"all groups must have the same prompt length to pool per-node maps, got {sorted(lengths)}")
     runs: list[_GroupRun] = []
     for i, (name, clean, corrupt, metric) in enumerate(parsed):
-        span = _Span(progress, f"{name}: ", i / len(parsed), (i + 1) / len(parsed))
+        span = progress.span(f"{name}: ", i / len(parsed), (i + 1) / len(parsed))
         runs.append(_run_group(model, clean, corrupt, metric, nodes, qk_fix=qk_fix, chunk_size=chunk_size,
                                normalize=normalize, top_k=top_k, progress=span, name=name))
     node_types = runs[0].result.atp.node_types

@@ -12,7 +12,7 @@ import torch
 from analysis.loading import LoadedModel
 from analysis.patching.activation import activation_patching
 from analysis.patching.atp import attribution_patching
-from analysis.patching.fidelity import _Span, patching_fidelity, task_set_fidelity
+from analysis.patching.fidelity import patching_fidelity, task_set_fidelity
 from analysis.patching.nodes import resolve_nodes
 from analysis.patching.results import ActPatchResult, AtPResult, FidelityResult, TaskSetFidelity, TrioResult
 from analysis.progress import Progress, ensure
@@ -26,7 +26,7 @@ def _per_role(kind: str, models: Mapping[str, LoadedModel], run: Callable[[Loade
         raise ValueError("no models")
     roles = {}
     for i, (role, model) in enumerate(models.items()):
-        roles[role] = run(model, _Span(progress, f"{role}: ", i / len(models), (i + 1) / len(models)))
+        roles[role] = run(model, progress.span(f"{role}: ", i / len(models), (i + 1) / len(models)))
     manifest = make_manifest(kind, models, pair=pair, seed=seed, options=options)
     return roles, manifest
 
