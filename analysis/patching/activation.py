@@ -8,6 +8,11 @@ by a hook at n_j's layer, so one forward pass measures k nodes. Nodes of differe
 freely in a chunk. Numerically this is the per-node loop of TransformerLens's patching.get_act_patch_*
 (one forward per node) with k forwards fused; `chunk_size` = k bounds memory: a pass holds
 k * batch rows of activations and logits (k * batch * pos * vocab floats for the logits alone).
+
+Nothing before a node's layer changes when it is patched, so nodes are taken in layer order and a
+chunk whose lowest layer is L starts from the corrupt run's cached resid_pre at L and runs only
+blocks L.., ln_final and the unembedding (checked once per model to equal the full forward exactly;
+otherwise every chunk runs the full forward).
 """
 
 from __future__ import annotations
@@ -62,6 +67,26 @@ def _patch_hook(mask: torch.Tensor, clean_act: torch.Tensor, k: int):
     return hook
 
 
+def _suffix_forward_is_exact(bridge, tokens: torch.Tensor, resid_pre0: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Does running blocks 0.. on the cached resid_pre 0 reproduce the full forward's logits?"""
+    verdict = getattr(bridge, "_lnscope_suffix_exact", None)
+    if verdict is None:
+        with torch.no_grad():
+            verdict = bool(torch.equal(_forward_from(bridge, 0, resid_pre0), logits))
+        if not verdict:
+            logger.info("block-by-block forward differs from the full forward: patching runs full forwards")
+        bridge._lnscope_suffix_exact = verdict
+    return verdict
+
+
+def _forward_from(bridge, layer: int, resid: torch.Tensor) -> torch.Tensor:
+    """logits [rows, pos, vocab] of blocks[layer:], ln_final and the unembedding on resid [rows, pos, d_model]."""
+    for block in bridge.blocks[layer:]:
+        resid = block(resid)
+        resid = resid[0] if isinstance(resid, tuple) else resid
+    return bridge.unembed(bridge.ln_final(resid))
+
+
 def act_patch_tensors(
     model: Any,
     clean_tokens: torch.Tensor,
@@ -87,8 +112,11 @@ def act_patch_tensors(
     clean_logits, clean_cache = run_and_cache(bridge, clean, names)
     clean_metric = evaluate_metric(metric_fn, clean_logits, n_prompts).to(torch.float64)
     del clean_logits
-    with torch.no_grad():
-        corrupt_metric = evaluate_metric(metric_fn, bridge(corrupt), n_prompts).to(torch.float64)
+    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    corrupt_logits, corrupt_resid = run_and_cache(bridge, corrupt, resid_names)
+    corrupt_metric = evaluate_metric(metric_fn, corrupt_logits, n_prompts).to(torch.float64)
+    skip_layers = _suffix_forward_is_exact(bridge, corrupt, corrupt_resid[resid_names[0]], corrupt_logits)
+    del corrupt_logits
 
     # Every node as (type index, layer, flat index in the layer's grid), type-major.
     act_shape = {s.name: tuple(clean_cache[s.hook_name(0)].shape[1:]) for s in specs}
@@ -105,15 +133,17 @@ def act_patch_tensors(
         idx = torch.arange(per_layer)
         for layer in range(n_layers):
             table.append(torch.stack([torch.full_like(idx, ti), torch.full_like(idx, layer), idx], 1))
-    table_t = torch.cat(table)  # [n_nodes, 3]
+    table_t = torch.cat(table)  # [n_nodes, 3], type-major (the result layout)
     n_nodes = table_t.shape[0]
+    order = torch.argsort(table_t[:, 1], stable=True)  # layer order: chunks start as late as they can
     results = torch.empty(n_nodes, n_prompts, dtype=torch.float64)
     device = clean.device
     n_passes = 0
     with torch.no_grad():
         for start in range(0, n_nodes, chunk_size):
             progress.stage("activation patching", start / n_nodes)
-            chunk = table_t[start:start + chunk_size]
+            rows_out = order[start:start + chunk_size]
+            chunk = table_t[rows_out]
             k = chunk.shape[0]
             masks: dict[str, torch.Tensor] = {}
             for ti, layer in torch.unique(chunk[:, :2], dim=0).tolist():
@@ -129,11 +159,16 @@ def act_patch_tensors(
                     masks[name] = torch.zeros(k, *shape, dtype=torch.bool)
                 masks[name][rows] |= node_mask.expand(rows.numel(), *shape)
             hooks = [(name, _patch_hook(m.to(device), clean_cache[name], k)) for name, m in masks.items()]
-            logits = bridge.run_with_hooks(corrupt.repeat(k, 1), fwd_hooks=hooks)
+            if skip_layers:
+                first = int(chunk[:, 1].min())
+                with bridge.hooks(fwd_hooks=hooks):
+                    logits = _forward_from(bridge, first, corrupt_resid[resid_names[first]].repeat(k, 1, 1))
+            else:
+                logits = bridge.run_with_hooks(corrupt.repeat(k, 1), fwd_hooks=hooks)
             n_passes += 1
             logits = logits.reshape(k, n_prompts, *logits.shape[1:])  # [copy, batch, pos, vocab]
             values = torch.stack([evaluate_metric(metric_fn, logits[j], n_prompts) for j in range(k)])
-            results[start:start + k] = values.to("cpu", torch.float64)
+            results[rows_out] = values.to("cpu", torch.float64)
             del logits, values
 
     effects = results - corrupt_metric.to("cpu")[None]
