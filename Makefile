@@ -13,7 +13,11 @@ QUIET := { grep -v "^WARNING: Location" || true; }
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: run test install tiny-models bench clean
+# Browser tests drive Debian's chromium through Playwright (never `playwright install`).
+CHROMIUM ?= $(shell command -v chromium 2>/dev/null || echo /usr/bin/chromium)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test install browser tiny-models bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +36,13 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/lnscope serve --host $(HOST) --port $(PORT) --pair $(PAIR)
 
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+browser:
+	@test -x "$(CHROMIUM)" || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@test -x "$(CHROMIUM)" || { echo "chromium is missing at $(CHROMIUM)"; exit 1; }
+
+test: install browser
+	LNSCOPE_CHROMIUM="$(CHROMIUM)" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 tiny-models: install
 	$(BIN)/lnscope build-tiny --out models/tiny

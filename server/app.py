@@ -21,6 +21,7 @@ from analysis.pairs import PairRegistry, PairSpec
 
 from analysis import kinds as kinds_module
 from analysis.inputs import prepare_inputs
+from server.frontend import mount_frontend
 from server.jobs import Job, QueueFull
 from analysis.kinds import KINDS, Limits, RequestError, RunContext
 from server.schemas import (
@@ -336,4 +337,5 @@ def create_app(settings: Settings | None = None, registry: PairRegistry | None =
 
     app.include_router(public)
     app.include_router(router)
+    mount_frontend(app)
     return app

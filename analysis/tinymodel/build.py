@@ -1,0 +1,306 @@
+"""Build the tiny trio from nothing: corpus -> tokenizer -> pretraining -> LN removal -> eval -> card.
+
+`build_tiny(out_dir="models/tiny", seed=0)` writes
+
+    OUT/original/   the pretrained GPT-2 (LayerNorm kept)           safetensors, config, tokenizer
+    OUT/ln_free/    its LayerNorm-free twin (FakeLN fine-tuning),   released format (LN weight x 1e6/sigma, eps 1e12)
+    OUT/control/    the same fine-tuning with LayerNorm kept
+    OUT/MODEL_CARD.md, OUT/build_metrics.json
+
+Everything else (pretraining log, remove-ln checkpoints, its log and report) goes to the work
+directory (default build/tiny-work), never into OUT. Every stage is seeded, and step counts
+are fixed, so a build is reproducible; the stage time budgets are safety stops only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from analysis.tinymodel.pretrain import PretrainConfig, mean_ce, pack_stream, pretrain
+
+logger = logging.getLogger(__name__)
+
+# What a shipped model directory holds (anything else stays in the work directory).
+MODEL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "lnscope_removal.json",
+)
+ROLES = ("original", "control", "ln_free")
+METRICS_FILE = "build_metrics.json"
+CARD_FILE = "MODEL_CARD.md"
+
+# Quality bars of the shipped trio, on held-out prompts (build_metrics.json records each check).
+BARS = {
+    "ioi_accuracy_min": 0.90,
+    "ioi_logit_diff_min": 2.0,
+    "greater_than_prob_diff_min": 0.5,
+    "induction_ratio_max": 1 / 3,  # second-half loss / first-half loss
+    "ln_free_ce_gap_max": 0.10,  # nats, LN-free minus original, held-out split
+}
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    # data
+    n_docs: int = 60_000  # training-split documents (pretraining and LN-removal fine-tuning)
+    n_heldout_docs: int = 1_000  # held-out-split documents (held-out CE)
+    tokenizer_docs: int = 20_000  # the first this many training documents train the tokenizer
+    vocab_size: int = 4096  # upper bound; BPE stops when no pair occurs twice
+    # stages
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    remove_ln_steps: int = 600  # FakeLN fine-tuning steps (the control gets the same)
+    remove_ln_batch_size: int = 32
+    remove_ln_lr: float = 6e-4
+    remove_ln_min_lr: float = 1e-4
+    # evaluation
+    eval_prompts: int = 200  # per task
+    induction_half_len: int = 25
+    eval_seed: int = 0
+    num_threads: int | None = None  # torch threads (None: torch's default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def micro_config(seed: int = 0) -> BuildConfig:
+    """A build that runs in well under a minute (tests, smoke checks); its models learn little."""
+    return BuildConfig(
+        seed=seed, n_docs=400, n_heldout_docs=40, tokenizer_docs=400, vocab_size=1024,
+        pretrain=PretrainConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, steps=20, batch_size=8,
+                                warmup_steps=2, eval_every=0, eval_sequences=8, log_every=5, seed=seed),
+        remove_ln_steps=None, remove_ln_batch_size=4, eval_prompts=8, induction_half_len=10,
+    )
+
+
+# ---------------------------------------------------------------------------- helpers
+def tokenize_docs(tokenizer: Any, docs: list[str]) -> list[int]:
+    """The documents' tokens joined into one stream, each document followed by <|endoftext|>."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for enc in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False):
+        stream.extend(enc.ids)
+        stream.append(eos)
+    return stream
+
+
+def copy_model_dir(src: Path, dst: Path) -> Path:
+    """Copy only the files a shipped model needs (MODEL_FILES) from src to a fresh dst."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    if not (dst / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{src} has no model.safetensors")
+    return dst
+
+
+def load_hf(path: Path):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def evaluate_model(model: Any, tokenizer: Any, heldout: torch.Tensor, cfg: BuildConfig) -> dict[str, Any]:
+    """Held-out CE and the three tasks (held-out prompts) of one HF model."""
+    from analysis.tasks.evaluate import evaluate_task
+    from analysis.tasks.greater_than import make_greater_than
+    from analysis.tasks.induction import make_induction
+    from analysis.tasks.ioi import make_ioi
+
+    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=tokens).logits
+
+    out: dict[str, Any] = {"heldout_ce": mean_ce(model, heldout)}
+    n, seed = cfg.eval_prompts, cfg.eval_seed
+    with torch.no_grad():
+        ioi = evaluate_task(logits_fn, make_ioi(tokenizer, n_prompts=n, seed=seed, split="heldout"))
+        gt = evaluate_task(logits_fn, make_greater_than(tokenizer, n_prompts=n, seed=seed, split="heldout"))
+        ind = evaluate_task(logits_fn, make_induction(tokenizer, n_prompts=n, half_len=cfg.induction_half_len,
+                                                      seed=seed))
+    out["ioi"] = {"n": ioi.n, "accuracy": ioi.accuracy, "logit_diff": ioi.metric_mean,
+                  "logit_diff_std": ioi.metric_std}
+    out["greater_than"] = {"n": gt.n, "prob_diff": gt.metric_mean, "prob_diff_std": gt.metric_std,
+                           "accuracy": gt.accuracy}
+    first, second = ind.first_half_loss, ind.second_half_loss
+    out["induction"] = {"n": ind.n, "half_len": cfg.induction_half_len, "first_half_loss": first,
+                        "second_half_loss": second, "ratio": second / first if first else None,
+                        "accuracy": ind.accuracy}
+    return out
+
+
+def check_bars(evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each quality bar per role: {"role.check": {"value", "bar", "pass"}} and "all_pass"."""
+    checks: dict[str, Any] = {}
+
+    def add(name: str, value: float | None, bar: float, higher: bool) -> None:
+        ok = value is not None and (value >= bar if higher else value <= bar)
+        checks[name] = {"value": value, "bar": bar, "pass": bool(ok)}
+
+    for role, ev in evals.items():
+        add(f"{role}.ioi_accuracy", ev["ioi"]["accuracy"], BARS["ioi_accuracy_min"], True)
+        add(f"{role}.ioi_logit_diff", ev["ioi"]["logit_diff"], BARS["ioi_logit_diff_min"], True)
+        add(f"{role}.greater_than_prob_diff", ev["greater_than"]["prob_diff"], BARS["greater_than_prob_diff_min"], True)
+        add(f"{role}.induction_ratio", ev["induction"]["ratio"], BARS["induction_ratio_max"], False)
+    if "ln_free" in evals and "original" in evals:
+        gap = evals["ln_free"]["heldout_ce"] - evals["original"]["heldout_ce"]
+        add("ln_free.ce_gap_vs_original", gap, BARS["ln_free_ce_gap_max"], False)
+    checks["all_pass"] = all(c["pass"] for c in checks.values() if isinstance(c, dict))
+    return checks
+
+
+class _Stages:
+    """Wall time of each stage, logged as it ends."""
+
+    def __init__(self, callback: Callable[[str, float], None] | None) -> None:
+        self.seconds: dict[str, float] = {}
+        self.callback = callback
+        self._t0 = time.perf_counter()
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        logger.info("build-tiny: %s ...", name)
+        if self.callback:
+            self.callback(name, 0.0)
+        t = time.perf_counter()
+        result = fn()
+        self.seconds[name] = round(time.perf_counter() - t, 2)
+        logger.info("build-tiny: %s done in %.1f s (total %.1f min)", name, self.seconds[name],
+                    (time.perf_counter() - self._t0) / 60)
+        return result
+
+
+# ------------------------------------------------------------------------------ build
+def build_tiny(
+    out_dir: str | Path = "models/tiny",
+    seed: int = 0,
+    budget: float | None = None,
+    *,
+    config: BuildConfig | None = None,
+    work_dir: str | Path | None = None,
+    progress: bool | Callable[[str, float], None] = True,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Build, evaluate and describe the tiny trio; return the build metrics (also written to JSON).
+
+    `budget`: a safety stop for pretraining, in minutes (None: the config's, if any).
+    `strict`: raise RuntimeError after writing everything if a quality bar is missed.
+    """
+    from analysis.remove_ln import RemoveLNConfig, remove_layernorm
+    from analysis.tinymodel.corpus import generate_documents
+    from analysis.tinymodel.model_card import write_model_card
+    from analysis.tinymodel.tokenizer import train_tokenizer
+
+    cfg = config or BuildConfig()
+    cfg = dataclasses.replace(cfg, seed=seed, pretrain=dataclasses.replace(cfg.pretrain, seed=seed))
+    if budget is not None:
+        cfg.pretrain.time_budget_minutes = budget
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else Path("build") / "tiny-work"
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    callback = progress if callable(progress) else None
+    bar_progress = progress if progress is True else False
+    stages = _Stages(callback)
+    t_start = time.perf_counter()
+    ctx = cfg.pretrain.n_positions
+
+    # 1. corpus
+    def corpus() -> tuple[list[str], list[str]]:
+        return (generate_documents(cfg.n_docs, seed, "train"), generate_documents(cfg.n_heldout_docs, seed, "heldout"))
+
+    train_docs, heldout_docs = stages.run("corpus", corpus)
+
+    # 2. tokenizer
+    tokenizer = stages.run("tokenizer", lambda: train_tokenizer(train_docs[: cfg.tokenizer_docs], cfg.vocab_size,
+                                                               model_max_length=ctx))
+
+    # 3. tokenize and pack: each row is <|endoftext|> + ctx-1 tokens of the document stream
+    def tokenize() -> tuple[torch.Tensor, torch.Tensor]:
+        eos = tokenizer.eos_token_id
+        return (pack_stream(tokenize_docs(tokenizer, train_docs), ctx, eos),
+                pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos))
+
+    train_tokens, heldout_tokens = stages.run("tokenize", tokenize)
+    logger.info("build-tiny: %d train sequences (%.2fM tokens), %d held-out sequences, vocabulary %d",
+                train_tokens.shape[0], train_tokens.numel() / 1e6, heldout_tokens.shape[0], len(tokenizer))
+
+    # 4. pretraining (in the work directory; only the model files are shipped)
+    pre_dir = work / "pretrain"
+    pre = stages.run("pretrain", lambda: pretrain(train_tokens, cfg.pretrain, pre_dir, tokenizer=tokenizer,
+                                                  eval_tokens=heldout_tokens, progress=progress))
+    copy_model_dir(pre_dir, out / "original")
+
+    # 5. LN removal and the LN-kept control, fine-tuned from the pretrained original
+    rl_dir = work / "remove_ln"
+    if rl_dir.exists():
+        shutil.rmtree(rl_dir)
+    rl_cfg = RemoveLNConfig(
+        total_steps=cfg.remove_ln_steps, batch_size=cfg.remove_ln_batch_size, lr=cfg.remove_ln_lr,
+        min_lr=min(cfg.remove_ln_min_lr, cfg.remove_ln_lr), seed=seed, device="cpu", checkpoint_every=0,
+    )
+    rl = stages.run("remove_ln", lambda: remove_layernorm(out / "original", rl_dir, rl_cfg, train_tokens=train_tokens,
+                                                          control=True, progress=bar_progress))
+    if not rl.completed or rl.ln_free_dir is None or rl.control_dir is None:
+        raise RuntimeError("build-tiny: LN removal stopped before the end")
+    copy_model_dir(Path(rl.ln_free_dir), out / "ln_free")
+    copy_model_dir(Path(rl.control_dir), out / "control")
+
+    # 6. evaluation on the held-out split and held-out task prompts
+    def evaluate() -> dict[str, dict[str, Any]]:
+        return {role: evaluate_model(load_hf(out / role), tokenizer, heldout_tokens, cfg) for role in ROLES}
+
+    evals = stages.run("evaluate", evaluate)
+    checks = check_bars(evals)
+
+    n_params = sum(p.numel() for p in load_hf(out / "original").parameters())
+    metrics: dict[str, Any] = {
+        "format": "lnscope-tiny-build/1",
+        "seed": seed,
+        "config": cfg.to_dict(),
+        "architecture": {"model_type": "gpt2", "n_layer": cfg.pretrain.n_layer, "n_head": cfg.pretrain.n_head,
+                         "n_embd": cfg.pretrain.n_embd, "n_positions": ctx, "vocab_size": len(tokenizer),
+                         "n_params": n_params, "activation": "gelu_new", "tied_embeddings": True},
+        "data": {
+            "generator": "analysis.tinymodel.corpus.generate_documents",
+            "train_docs": cfg.n_docs, "heldout_docs": cfg.n_heldout_docs, "tokenizer_docs": cfg.tokenizer_docs,
+            "train_tokens": int(train_tokens.numel()), "train_sequences": int(train_tokens.shape[0]),
+            "heldout_tokens": int(heldout_tokens.numel()), "heldout_sequences": int(heldout_tokens.shape[0]),
+            "context": ctx,
+        },
+        "pretrain": {"steps": pre.steps, "planned_steps": cfg.pretrain.steps, "completed": pre.completed,
+                     "batch_size": cfg.pretrain.batch_size, "tokens_seen": pre.tokens_seen,
+                     "tokens_per_second": round(pre.tokens_per_second, 1), "final_train_loss": pre.final_loss,
+                     "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr},
+        "remove_ln": {"steps": rl.schedule.total_steps, "schedule": rl.schedule.to_dict(),
+                      "batch_size": cfg.remove_ln_batch_size, "tokens_per_step": rl.tokens_per_step,
+                      "final_loss": rl.final_loss, "final_aux_loss": rl.final_aux_loss,
+                      "steps_per_second": rl.steps_per_second, "sigma": rl.sigma},
+        "stage_seconds": stages.seconds,
+        "total_seconds": round(time.perf_counter() - t_start, 2),
+        "eval": evals,
+        "checks": checks,
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "python": platform.python_version(), "machine": platform.machine()},
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_model_card(out / CARD_FILE, metrics)
+    logger.info("build-tiny: wrote %s in %.1f min; quality bars %s", out, metrics["total_seconds"] / 60,
+                "all pass" if checks["all_pass"] else "NOT all met")
+    if strict and not checks["all_pass"]:
+        failed = [k for k, v in checks.items() if isinstance(v, dict) and not v["pass"]]
+        raise RuntimeError(f"build-tiny: quality bars missed: {', '.join(failed)}")
+    return metrics

@@ -1,0 +1,44 @@
+"""`lnscope build-tiny`: build the embedded tiny trio from nothing (what `make tiny-models` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("build-tiny", help="build the embedded tiny trio (corpus, tokenizer, pretraining, remove-ln)")
+    p.add_argument("--out", type=Path, default=Path("models/tiny"))
+    p.add_argument("--work-dir", type=Path, default=Path("build/tiny-work"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--docs", type=int, help="training documents")
+    p.add_argument("--steps", type=int, help="pretraining steps")
+    p.add_argument("--batch-size", type=int, help="pretraining batch size (sequences)")
+    p.add_argument("--pretrain-minutes", type=float, help="safety stop for pretraining")
+    p.add_argument("--remove-ln-steps", type=int, help="FakeLN fine-tuning steps (the control gets the same)")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if a quality bar is missed")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from analysis.tinymodel.build import BuildConfig, build_tiny
+
+    cfg = BuildConfig()
+    pre = cfg.pretrain
+    if args.steps is not None:
+        pre = dataclasses.replace(pre, steps=args.steps)
+    if args.batch_size is not None:
+        pre = dataclasses.replace(pre, batch_size=args.batch_size)
+    cfg = dataclasses.replace(
+        cfg, pretrain=pre,
+        n_docs=args.docs if args.docs is not None else cfg.n_docs,
+        remove_ln_steps=args.remove_ln_steps if args.remove_ln_steps is not None else cfg.remove_ln_steps,
+        num_threads=args.threads if args.threads is not None else cfg.num_threads,
+    )
+    metrics = build_tiny(args.out, seed=args.seed, budget=args.pretrain_minutes, config=cfg, work_dir=args.work_dir,
+                         strict=args.strict)
+    print(json.dumps({"checks": metrics["checks"], "total_minutes": round(metrics["total_seconds"] / 60, 1)}, indent=2))
+    return 0

@@ -1,0 +1,103 @@
+"""MODEL_CARD.md of the embedded tiny trio, written from build_metrics.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ROLE_NAMES = {"original": "original", "control": "control (vanilla, LN kept)", "ln_free": "LN-free"}
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_model_card(m: dict[str, Any]) -> str:
+    arch, data, pre, rl, ev = m["architecture"], m["data"], m["pretrain"], m["remove_ln"], m["eval"]
+    base = ev["original"]["heldout_ce"]
+    ce_rows = "\n".join(
+        f"| {ROLE_NAMES[r]} | {ev[r]['heldout_ce']:.4f} | {ev[r]['heldout_ce'] - base:+.4f} |" for r in ("original", "control", "ln_free")
+    )
+    task_rows = "\n".join(
+        f"| {ROLE_NAMES[r]} | {ev[r]['ioi']['accuracy']:.1%} | {ev[r]['ioi']['logit_diff']:.2f} | "
+        f"{ev[r]['greater_than']['prob_diff']:.3f} | {ev[r]['induction']['first_half_loss']:.2f} | "
+        f"{ev[r]['induction']['second_half_loss']:.2f} | {_fmt(ev[r]['induction']['ratio'], '.3f')} |"
+        for r in ("original", "control", "ln_free")
+    )
+    checks = m["checks"]
+    check_rows = "\n".join(
+        f"| `{name}` | {_fmt(c['value'])} | {c['bar']:.3g} | {'pass' if c['pass'] else '**miss**'} |"
+        for name, c in checks.items() if isinstance(c, dict)
+    )
+    stages = "\n".join(f"| {name} | {sec / 60:.1f} |" for name, sec in m["stage_seconds"].items())
+    schedule = rl["schedule"]
+    return f"""# The tiny trio (`tiny`)
+
+An original GPT-2-architecture model, its LayerNorm-free twin and an LN-kept fine-tuned control,
+built from nothing on a CPU by `make tiny-models` (`lnscope build-tiny`, seed {m['seed']}). The
+LN-free model was made with the paper's method (FakeLN fine-tuning, `lnscope remove-ln`) and
+is stored in the released format (every LN weight x 1e6/sigma, eps 1e12), so lnscope loads it
+exactly like the published GPT-2 checkpoints.
+
+## Architecture
+
+| | |
+|---|---|
+| model | `GPT2LMHeadModel`, {arch['n_layer']} layers, {arch['n_head']} heads, d_model {arch['n_embd']}, d_mlp {4 * arch['n_embd']}, context {arch['n_positions']}, GELU (tanh), tied embeddings |
+| vocabulary | {arch['vocab_size']} tokens, byte-level BPE trained on the corpus (years split into century + two-digit suffix) |
+| parameters | {arch['n_params']:,} |
+
+## Data
+
+A seeded synthetic corpus (`{data['generator']}`): simple English stories that also contain
+IOI-style sentences (training templates and name pairs only), year spans, repeated word
+sequences and simple facts. {data['train_docs']:,} training documents
+({data['train_tokens']:,} tokens in {data['train_sequences']:,} sequences of {data['context']}),
+{data['heldout_docs']:,} held-out documents from a separate seed stream
+({data['heldout_tokens']:,} tokens) for cross-entropy. Task prompts below use held-out
+templates and held-out name / year combinations that never occur in the training corpus.
+
+## Training
+
+| stage | steps | batch x context | notes |
+|---|---|---|---|
+| pre-training | {pre['steps']} | {pre['batch_size']} x {data['context']} | AdamW, lr {pre['lr']} cosine to {pre['min_lr']}, {pre['tokens_seen']:,} tokens, final train loss {_fmt(pre['final_train_loss'])} |
+| LN removal (FakeLN) | {rl['steps']} | {rl['batch_size']} x {data['context']} | ln_2 from step {schedule.get('start_step')}, ln_f at step {schedule.get('ln_f_step')}, aux loss on ln_f input std |
+| control (LN kept) | {rl['steps']} | {rl['batch_size']} x {data['context']} | same data order, steps and optimiser |
+
+Wall time ({m['environment']['threads']} CPU threads, torch {m['environment']['torch']}), total
+{m['total_seconds'] / 60:.1f} min:
+
+| stage | minutes |
+|---|---|
+{stages}
+
+## Cross-entropy on the held-out split (nats per token)
+
+Same layout as the paper's Table (original / vanilla / LN-free):
+
+| model | held-out CE | gap vs original |
+|---|---|---|
+{ce_rows}
+
+## Tasks (held-out prompts, {ev['original']['ioi']['n']} per task)
+
+| model | IOI accuracy | IOI logit diff | greater-than prob diff | induction loss 1st half | 2nd half | ratio |
+|---|---|---|---|---|---|---|
+{task_rows}
+
+## Quality bars
+
+| check | value | bar | |
+|---|---|---|---|
+{check_rows}
+
+Recompute with `lnscope eval tiny` (tasks and CE through the TransformerLens bridges) and
+`lnscope check-pair tiny` (exactness of the loaded models).
+"""
+
+
+def write_model_card(path: Path, metrics: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.write_text(render_model_card(metrics))
+    return path

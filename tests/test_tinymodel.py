@@ -1,0 +1,81 @@
+"""The tiny-trio pipeline: tokenizer, pretraining, and a micro end-to-end build."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from analysis.checks import check_model
+from analysis.pairs import ModelSource
+from analysis.tinymodel.build import BARS, build_tiny, check_bars, micro_config
+from analysis.tinymodel.corpus import generate_documents
+from analysis.tinymodel.pretrain import PretrainConfig, pack_stream, pretrain
+from analysis.tinymodel.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return generate_documents(600, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(docs):
+    return train_tokenizer(docs, vocab_size=1500)
+
+
+def test_tokenizer_is_deterministic_and_splits_years(docs, tokenizer, tmp_path):
+    again = train_tokenizer(docs, vocab_size=1500)
+    assert again.get_vocab() == tokenizer.get_vocab()
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode(" 1732", add_special_tokens=False)]
+    assert pieces == [" 17", "32"]
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "In 1732 Mary gave the ball to John. The war lasted from 1801 to 1845."
+    assert reloaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+    assert reloaded.eos_token == "<|endoftext|>" and reloaded.eos_token_id == 0
+
+
+def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(docs, tokenizer, tmp_path):
+    stream = [t for d in docs[:200] for t in tokenizer.encode(d, add_special_tokens=False) + [0]]
+    tokens = pack_stream(stream, 32, 0)
+    assert tokens.shape[1] == 32 and bool((tokens[:, 0] == 0).all())
+    cfg = PretrainConfig(n_layer=2, n_head=2, n_embd=32, n_positions=32, steps=30, batch_size=8, warmup_steps=3,
+                         eval_every=0, eval_sequences=8, log_every=5, lr=3e-3)
+    result = pretrain(tokens, cfg, tmp_path / "m", tokenizer=tokenizer, progress=False)
+    log = json.loads(result.log_path.read_text())
+    losses = log["history"]["loss"]  # mean training loss over each log_every steps
+    assert result.steps == 30 and result.completed and log["steps"] == 30
+    assert len(losses) >= 4 and losses[-1] < losses[0]
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    assert model.config.n_layer == 2 and model.config.vocab_size >= len(tokenizer)
+    assert AutoTokenizer.from_pretrained(tmp_path / "m").get_vocab() == tokenizer.get_vocab()
+
+
+def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path):
+    cfg = dataclasses.replace(micro_config(), remove_ln_steps=40)
+    metrics = build_tiny(tmp_path / "tiny", config=cfg, work_dir=tmp_path / "work", progress=False)
+    out = tmp_path / "tiny"
+    for role in ("original", "ln_free", "control"):
+        files = {p.name for p in (out / role).iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+        assert not any(name.endswith(".pt") for name in files)  # no optimiser state is shipped
+    assert json.loads((out / "ln_free" / "config.json").read_text())["layer_norm_epsilon"] == 1e12
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| LN-free |" in card and "held-out CE" in card and "Quality bars" in card
+    assert json.loads((out / "build_metrics.json").read_text())["checks"] == metrics["checks"]
+    assert set(metrics["eval"]) == {"original", "control", "ln_free"}
+    # the shipped LN-free twin meets the foundation bars
+    result = check_model(ModelSource(path=out / "ln_free"), "ln_free", device="cpu", dtype="float64")
+    assert result.max_rel_logit_error < 1e-6 and result.dla_sum_rel_error < 1e-6 and result.hook_scale_hooks == 0
+
+
+def test_quality_bars_are_checked_per_role():
+    good = {"heldout_ce": 2.0, "ioi": {"accuracy": 0.95, "logit_diff": 3.0},
+            "greater_than": {"prob_diff": 0.7}, "induction": {"ratio": 0.2}}
+    bad_ln_free = {**good, "heldout_ce": 2.0 + BARS["ln_free_ce_gap_max"] + 0.01}
+    checks = check_bars({"original": good, "control": good, "ln_free": bad_ln_free})
+    assert not checks["all_pass"] and not checks["ln_free.ce_gap_vs_original"]["pass"]
+    assert checks["original.ioi_accuracy"]["pass"]
+    assert check_bars({"original": good, "control": good, "ln_free": good})["all_pass"]
