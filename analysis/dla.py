@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from analysis.loading import LoadedModel
 from analysis.progress import Progress, ensure
-from analysis.results import Manifest, make_manifest
+from analysis.results import Manifest, make_manifest, run_per_role
 
 logger = logging.getLogger(__name__)
 
@@ -590,14 +590,9 @@ def dla_trio(
     progress: Progress | None = None,
 ) -> DLAResult:
     """`dla` on every role of a trio on the same tokens, plus per-head differences against `original`."""
-    progress = ensure(progress)
-    roles = list(models)
-    per_role: dict[str, DLAModelResult] = {}
-    for i, role in enumerate(roles):
-        span = progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles))
-        per_role[role] = dla(models[role], tokens, target=target, end_pos=end_pos, treatments=treatments,
-                             top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap, seed=seed,
-                             batch_size=batch_size, progress=span)
+    per_role = run_per_role(models, lambda model, span: dla(
+        model, tokens, target=target, end_pos=end_pos, treatments=treatments, top_k_neurons=top_k_neurons,
+        n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, progress=span), progress)
     options = dict(treatments=list(treatments), top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap,
                    batch_size=batch_size, target=target.model_dump())
     return DLAResult(

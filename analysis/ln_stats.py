@@ -25,13 +25,12 @@ from pydantic import BaseModel, Field
 from analysis.loading import LoadedModel
 from analysis.pairs import ModelSource
 from analysis.progress import Progress, ensure
-from analysis.results import Manifest, make_manifest
+from analysis.results import PAPER_ORDER, Manifest, make_manifest, run_per_role
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "lnscope_removal.json"  # as written by analysis.remove_ln.export
 Site = Literal["ln1", "ln2", "ln_final"]
-PAPER_ORDER: tuple[str, ...] = ("original", "control", "ln_free")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -326,9 +325,6 @@ def ln_stats(
 
 
 
-def _ordered(roles: Sequence[str]) -> list[str]:
-    return [r for r in PAPER_ORDER if r in roles] + [r for r in roles if r not in PAPER_ORDER]
-
 
 def ln_stats_trio(
     models: Mapping[str, LoadedModel],
@@ -341,13 +337,9 @@ def ln_stats_trio(
     progress: Progress | None = None,
 ) -> LNStatsResult:
     """`ln_stats` for every role, plus a per-LN table: mean scale (with LN) vs frozen sigma (LN-free)."""
-    progress = ensure(progress)
-    roles = _ordered(list(models))
-    out: dict[str, LNStatsModelResult] = {}
-    for i, role in enumerate(roles):
-        span = progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles))
-        out[role] = ln_stats(models[role], tokens, lengths=lengths, batch_size=batch_size,
-                             per_prompt=per_prompt, progress=span)
+    out = run_per_role(models, lambda model, span: ln_stats(
+        model, tokens, lengths=lengths, batch_size=batch_size, per_prompt=per_prompt, progress=span),
+        progress, order=PAPER_ORDER)
     n_layers = max(r.n_layers for r in out.values())
     rows = []
     for site, layer in [(s, l) for l in range(n_layers) for s in ("ln1", "ln2")] + [("ln_final", None)]:
@@ -520,13 +512,9 @@ def loss_trio(
     progress: Progress | None = None,
 ) -> LossResult:
     """`loss` for every role and the paper's CE table (original / control / ln_free, gaps vs original)."""
-    progress = ensure(progress)
-    roles = _ordered(list(models))
-    out: dict[str, LossModelResult] = {}
-    for i, role in enumerate(roles):
-        span = progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles))
-        out[role] = loss(models[role], texts, max_tokens=max_tokens, context=context, batch_size=batch_size,
-                         n_bootstrap=n_bootstrap, seed=seed, per_token=per_token, progress=span)
+    out = run_per_role(models, lambda model, span: loss(
+        model, texts, max_tokens=max_tokens, context=context, batch_size=batch_size, n_bootstrap=n_bootstrap,
+        seed=seed, per_token=per_token, progress=span), progress, order=PAPER_ORDER)
     base = out["original"].mean_loss if "original" in out else None
     table = [
         CERow(role=role, ce=r.mean_loss, ci_low=r.ci_low, ci_high=r.ci_high, n_tokens=r.n_tokens,

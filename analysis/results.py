@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from analysis import __version__
 from analysis.loading import LoadedModel
+from analysis.progress import Progress, ensure
+
+R = TypeVar("R")
+PAPER_ORDER: tuple[str, ...] = ("original", "control", "ln_free")  # the paper's table layout
 
 
 class ModelManifest(BaseModel):
@@ -48,3 +52,21 @@ def make_manifest(
         seed=seed,
         options=dict(options or {}),
     )
+
+
+def run_per_role(
+    models: Mapping[str, LoadedModel],
+    run: Callable[[LoadedModel, Progress], R],
+    progress: Progress | None = None,
+    order: Sequence[str] | None = None,
+) -> dict[str, R]:
+    """`run(model, progress)` for each role, each reporting into its share of `progress`.
+
+    Roles follow `order` where given (others after, in the models' order).
+    """
+    progress = ensure(progress)
+    roles = list(models)
+    if order is not None:
+        roles = [r for r in order if r in models] + [r for r in roles if r not in order]
+    return {role: run(models[role], progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles)))
+            for i, role in enumerate(roles)}

@@ -15,18 +15,15 @@ from analysis.patching.atp import attribution_patching
 from analysis.patching.fidelity import patching_fidelity, task_set_fidelity
 from analysis.patching.nodes import resolve_nodes
 from analysis.patching.results import ActPatchResult, AtPResult, FidelityResult, TaskSetFidelity, TrioResult
-from analysis.progress import Progress, ensure
-from analysis.results import make_manifest
+from analysis.progress import Progress
+from analysis.results import make_manifest, run_per_role
 
 
 def _per_role(kind: str, models: Mapping[str, LoadedModel], run: Callable[[LoadedModel, Any], Any],
               pair: str | None, options: dict, progress: Progress | None, seed: int | None = None) -> tuple[dict, Any]:
-    progress = ensure(progress)
     if not models:
         raise ValueError("no models")
-    roles = {}
-    for i, (role, model) in enumerate(models.items()):
-        roles[role] = run(model, progress.span(f"{role}: ", i / len(models), (i + 1) / len(models)))
+    roles = run_per_role(models, run, progress)
     manifest = make_manifest(kind, models, pair=pair, seed=seed, options=options)
     return roles, manifest
 

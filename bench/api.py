@@ -1,0 +1,115 @@
+"""Latency of an inline DLA request on the tiny pair, as ratios to the library call alone.
+
+Starts a real uvicorn server on 127.0.0.1, then measures p50 / p95 wall time of
+POST /api/v1/analyses/dla?wait=true under 1 and 8 concurrent clients, against the library
+call (`dla_trio` on the same, already loaded models) timed in the same run. Every request is
+distinct (its seed differs), so none is answered from the store.
+
+    python bench/api.py [--requests 24] [--pair tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    "When Tom and Anna went to the park, Anna gave a ball to",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def library_seconds(pair_name: str, n: int) -> list[float]:
+    from analysis.checks import tokenize_prompts
+    from analysis.dla import DLATarget, dla_trio
+    from analysis.loading import model_cache
+    from analysis.pairs import PairRegistry
+
+    pair = PairRegistry.load().get(pair_name)
+    models = model_cache.load_pair(pair, device="cpu")
+    tok = models["original"].tokenizer
+    tokens, lengths = tokenize_prompts(tok, PROMPTS, 128)
+    (a,), (b,) = (tok.encode(w, add_special_tokens=False) for w in (" John", " Anna"))
+    target = DLATarget.logit_diff(a, b)
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        dla_trio(models, tokens, target, pair=pair.name, end_pos=lengths - 1, n_bootstrap=200, seed=i)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def serve(port: int, data_dir: str) -> subprocess.Popen:
+    env = {**os.environ, "LNSCOPE_DATA_DIR": data_dir, "LNSCOPE_DEVICE": "cpu", "LNSCOPE_WORKERS": "8"}
+    proc = subprocess.Popen([sys.executable, "-m", "analysis.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/api/v1/models/tiny/load", timeout=120).raise_for_status()
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def http_seconds(port: int, clients: int, n: int, seed0: int) -> list[float]:
+    def one(i: int) -> float:
+        body = {"pair": "tiny", "prompts": PROMPTS, "seed": seed0 + i,
+                "options": {"target": {"kind": "logit_diff", "token": " John", "other": " Anna"}, "n_bootstrap": 200}}
+        t = time.perf_counter()
+        r = httpx.post(f"http://127.0.0.1:{port}/api/v1/analyses/dla?wait=true&timeout=300", json=body, timeout=400)
+        r.raise_for_status()
+        assert r.json()["status"] == "done" and not r.json()["cached"]
+        return time.perf_counter() - t
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=24)
+    args = parser.parse_args()
+    lib = library_seconds("tiny", max(8, args.requests // 3))
+    lib_p50 = statistics.median(lib)
+    print(f"library dla_trio (3 roles, 2 prompts): p50 {lib_p50 * 1000:.1f} ms, p95 {percentile(lib, 0.95) * 1000:.1f} ms")
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    port_no = port.getsockname()[1]
+    port.close()
+    with tempfile.TemporaryDirectory() as data:
+        proc = serve(port_no, data)
+        try:
+            http_seconds(port_no, 1, 2, 10_000)  # warm-up
+            for clients, seed0 in ((1, 20_000), (8, 30_000)):
+                t = http_seconds(port_no, clients, args.requests, seed0)
+                p50, p95 = statistics.median(t), percentile(t, 0.95)
+                print(f"HTTP inline dla, {clients} client(s): p50 {p50 * 1000:.1f} ms ({p50 / lib_p50:.2f}x library), "
+                      f"p95 {p95 * 1000:.1f} ms ({p95 / lib_p50:.2f}x library p50)")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()

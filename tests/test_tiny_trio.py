@@ -1,0 +1,87 @@
+"""The shipped tiny trio (models/tiny): the issue bars, measured through lnscope's own bridges."""
+
+import json
+
+import pytest
+import torch
+
+from analysis.checks import check_model
+from analysis.confidence_neurons import confidence_neurons_trio
+from analysis.dla import DLATarget, dla_trio
+from analysis.eval_text import pair_eval_text
+from analysis.evaluation import evaluate_trio
+from analysis.ln_stats import text_sequences
+from analysis.loading import ModelCache
+from analysis.pairs import PairRegistry, models_dir
+from analysis.patching import activation_patching_trio, attribution_patching_trio
+from analysis.tasks import make_ioi
+from analysis.tasks.base import pad_id, pad_right
+
+TINY = models_dir() / "tiny"
+ROLES = ("original", "ln_free", "control")
+
+
+@pytest.fixture(scope="module")
+def models():
+    pair = PairRegistry.load().get("tiny")
+    return ModelCache().load_pair(pair, device="cpu", dtype="float32")
+
+
+def test_the_trio_is_shipped_small():
+    sizes = [p.stat().st_size for p in TINY.rglob("*") if p.is_file()]
+    assert sum(sizes) < 60e6 and max(sizes) < 50e6
+    for role in ROLES:
+        assert (TINY / role / "model.safetensors").is_file()
+    assert "Cross-entropy on the held-out split" in (TINY / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_check_pair_bars_on_the_shipped_trio(role):
+    result = check_model(PairRegistry.load().get("tiny").source(role), role, device="cpu", dtype="float64")
+    assert result.max_rel_logit_error < 1e-6 and result.dla_sum_rel_error < 1e-6
+    assert (result.hook_scale_hooks == 0) == (role == "ln_free")
+
+
+def test_quality_bars_on_held_out_prompts(models):
+    result = evaluate_trio(models, pair_eval_text(PairRegistry.load().get("tiny")), pair="tiny", n_prompts=100,
+                           max_tokens=20_000)
+    ce = {row.role: row.ce for row in result.ce_table}
+    assert ce["ln_free"] <= ce["original"] + 0.10
+    for role, ev in result.roles.items():
+        ioi, gt, ind = ev.tasks["ioi"], ev.tasks["greater_than"], ev.tasks["induction"]
+        assert ioi.accuracy >= 0.90 and ioi.metric_mean >= 2.0, (role, ioi.accuracy, ioi.metric_mean)
+        assert gt.metric_mean >= 0.5, (role, gt.metric_mean)
+        assert ind.second_half_loss <= ind.first_half_loss / 3, (role, ind.first_half_loss, ind.second_half_loss)
+
+
+def test_ioi_head_attribution_and_resid_pre_patching_for_all_roles(models):
+    batch = make_ioi(models["original"].tokenizer, n_prompts=8, seed=1, split="heldout")
+    dla = dla_trio(models, batch.clean_tokens, DLATarget.from_task(batch), pair="tiny", n_bootstrap=100)
+    n_layers, n_heads = models["original"].bridge.cfg.n_layers, models["original"].bridge.cfg.n_heads
+    for role in ROLES:
+        heads = dla.roles[role].treatments["cached_scale"].heads
+        assert len(heads) == n_layers and all(len(row) == n_heads for row in heads)
+    assert dla.roles["ln_free"].errors["cached_scale"].nmae.value < 1e-3
+    assert dla.roles["original"].errors["cached_scale"].nmae.value > 0
+
+    atp = attribution_patching_trio(models, batch.clean_tokens, batch.corrupt_tokens, batch, nodes=["resid_pre"])
+    act = activation_patching_trio(models, batch.clean_tokens, batch.corrupt_tokens, batch, nodes=["resid_pre"])
+    for role in ROLES:
+        shape = [n_layers, batch.clean_tokens.shape[1]]
+        assert atp.roles[role].atp["resid_pre"].shape == shape
+        assert act.roles[role].effects["resid_pre"].shape == shape
+    json.loads(act.model_dump_json())
+
+
+def test_entropy_neuron_candidate_is_ln_mediated_only_with_ln():
+    pair = PairRegistry.load().get("tiny")
+    models64 = ModelCache().load_pair(pair, device="cpu", dtype="float64")
+    tokenizer = models64["original"].tokenizer
+    seqs = text_sequences(tokenizer, pair_eval_text(pair)[:16], 128, max_tokens=1500)
+    tokens = pad_right(seqs, pad_id(tokenizer))
+    result = confidence_neurons_trio(models64, tokens, pair="tiny", lengths=[len(s) for s in seqs], top_n=10)
+    top = result.top_candidate
+    assert top is not None
+    fractions = {role: v.ln_mediated_fraction_loss for role, v in top.by_role.items()}
+    assert fractions["original"] is not None and abs(fractions["original"]) > 1e-6
+    assert abs(fractions["ln_free"]) < 1e-9
