@@ -356,7 +356,7 @@ def ln_stats_trio(
                 kinds[role] = "frozen_sigma"
         rows.append(LNLayerRow(site=site, layer=layer, values=values, kinds=kinds))
     return LNStatsResult(
-        manifest=make_manifest("ln_stats", {r: models[r] for r in roles}, pair=pair,
+        manifest=make_manifest("ln_stats", {r: models[r] for r in out}, pair=pair,
                                options=dict(batch_size=batch_size, per_prompt=per_prompt)),
         roles=out,
         layer_table=rows,
@@ -522,7 +522,7 @@ def loss_trio(
         for role, r in out.items()
     ]
     return LossResult(
-        manifest=make_manifest("loss", {r: models[r] for r in roles}, pair=pair, seed=seed,
+        manifest=make_manifest("loss", {r: models[r] for r in out}, pair=pair, seed=seed,
                                options=dict(max_tokens=max_tokens, context=context, batch_size=batch_size,
                                             n_bootstrap=n_bootstrap, n_texts=len(texts))),
         roles=out,
