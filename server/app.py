@@ -9,7 +9,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -17,13 +17,12 @@ from pydantic import ValidationError
 
 from analysis import __version__
 from analysis.errors import LnscopeError, ModelLoadError, UnknownPairError, UnknownRoleError
+from analysis.inputs import prepare_inputs
+from analysis.kinds import KINDS, RequestError, RunContext, load_builtin_kinds
 from analysis.pairs import PairRegistry, PairSpec
 
-from analysis import kinds as kinds_module
-from analysis.inputs import prepare_inputs
 from server.frontend import mount_frontend
 from server.jobs import Job, QueueFull
-from analysis.kinds import KINDS, Limits, RequestError, RunContext
 from server.schemas import (
     AnalysisRequest, ErrorBody, Health, JobInfo, KindInfo, ModelsResponse, PairInfo, ResultOut, ResultPage,
     RoleInfo, TokenizeRequest, TokenizeResponse, TokenOut,
@@ -172,7 +171,6 @@ def submit_analysis(
     kind: str,
     body: AnalysisRequest,
     request: Request,
-    response: Response,
     wait: bool = Query(False, description="hold the request until the result is ready (up to `timeout`)"),
     timeout: float = Query(30.0, gt=0, le=600, description="seconds to wait with wait=true (capped by the server)"),
 ):
@@ -228,7 +226,6 @@ def submit_analysis(
             return _result_out(row)
         if row.status in ("failed", "cancelled"):
             _failure_response(row)
-    response.status_code = 202
     return JSONResponse(status_code=202, content=_job_info(row).model_dump(mode="json"))
 
 
@@ -293,7 +290,7 @@ def list_results(
 def create_app(settings: Settings | None = None, registry: PairRegistry | None = None, cache=None) -> FastAPI:
     settings = settings or Settings.from_env()
     state = ServerState(settings, registry=registry, cache=cache)
-    kinds_module.load_builtin_kinds()
+    load_builtin_kinds()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from functools import lru_cache
 
 from analysis.device import dtype_name, resolve_device, resolve_dtype
 from analysis.errors import LnscopeError, ModelLoadError
