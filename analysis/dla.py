@@ -409,8 +409,8 @@ def dla(
         if top_k_neurons > 0:
             names.append(f"blocks.{layer}.mlp.hook_post")
 
-    W_U = bridge.W_U.detach().to(dev, f64)  # [d_model, vocab]
-    b_U = bridge.b_U.detach().to(dev, f64)  # [vocab]
+    W_U = bridge.W_U.detach()  # [d_model, vocab], model dtype: only the target columns are cast to float64
+    b_U = bridge.b_U.detach()  # [vocab]
     W_O = torch.stack([bridge.blocks[l].attn.W_O.detach() for l in range(n_layers)]).to(dev, f64)  # [L, H, d_head, d]
     b_O = torch.stack([bridge.blocks[l].attn.b_O.detach() for l in range(n_layers)]).to(dev, f64)  # [L, d]
 
@@ -436,8 +436,14 @@ def dla(
         logits = bridge.run_with_hooks(toks, fwd_hooks=[(n, keeper(n)) for n in names])
         logits_end = logits[rows, e].detach().to(dev, f64)  # [b, vocab]
         p, n = pos_ids[sl].to(dev), (neg_ids[sl].to(dev) if neg_ids is not None else None)
-        direction = W_U[:, p].T - (W_U[:, n].T if n is not None else 0)  # [b, d_model]
-        bias = b_U[p] - (b_U[n] if n is not None else 0)  # [b]
+        def cols(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # ([b, d_model], [b]) in float64
+            ids = ids.to(W_U.device)
+            return W_U[:, ids].T.to(dev, f64), b_U[ids].to(dev, f64)
+
+        w_p, b_p = cols(p)
+        w_n, b_n = cols(n) if n is not None else (0, 0)
+        direction = w_p - w_n  # [b, d_model]
+        bias = b_p - b_n  # [b]
         value = logits_end.gather(1, p[:, None])[:, 0] - (logits_end.gather(1, n[:, None])[:, 0] if n is not None else 0)
         target_vals.append(value)
         bias_terms.append(bias)
