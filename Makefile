@@ -46,7 +46,7 @@ test: install browser
 
 # Rebuilds models/tiny from nothing (seeded; ~1 h on 2 CPU cores). CI uses the shipped files.
 tiny-models: install
-	$(BIN)/lnscope build-tiny --out models/tiny --work-dir build/tiny-work --pretrain-minutes 40
+	$(BIN)/lnscope build-tiny --out models/tiny --work-dir build/tiny-work --pretrain-minutes 55
 
 bench: install
 	$(BIN)/python bench/analyses.py

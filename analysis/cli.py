@@ -19,6 +19,7 @@ _COMMANDS: list[str] = [
     "analysis.tinymodel.cli:register",
     "analysis.commands.evaluate:register",
     "analysis.commands.analyze:register",
+    "analysis.transcoders.cli:register",
 ]
 
 

@@ -69,6 +69,14 @@ def prepare_inputs(kind: Kind, request: AnalysisRequest, tokenizer, n_ctx: int, 
         if request.prompts is not None:
             return prompt_inputs(request, tokenizer, n_ctx, limits)
         raise RequestError(["body", "prompts"], f"{kind.name} needs prompts or a task")
+    if kind.inputs == "prompt":
+        if request.task is not None or request.text is not None:
+            raise RequestError(["body", "prompts"], f"{kind.name} takes one prompt, not a task or text")
+        if not request.prompts or len(request.prompts) != 1:
+            raise RequestError(["body", "prompts"], f"{kind.name} needs exactly one prompt")
+        inputs = prompt_inputs(request, tokenizer, n_ctx, limits)
+        inputs.texts = list(request.prompts)
+        return inputs
     if kind.inputs == "task":
         if request.task is None:
             raise RequestError(["body", "task"], f"{kind.name} needs a task (clean and corrupted prompts)")
@@ -77,4 +85,7 @@ def prepare_inputs(kind: Kind, request: AnalysisRequest, tokenizer, n_ctx: int, 
         if request.prompts is not None or request.task is not None:
             raise RequestError(["body", "text"], f"{kind.name} takes text (or nothing: the pair's eval text), not prompts or a task")
         return text_inputs(request, default_text, limits)
+    for field in ("prompts", "task", "text"):
+        if getattr(request, field) is not None:
+            raise RequestError(["body", field], f"{kind.name} takes no {field}; its inputs are its options")
     return Inputs()

@@ -67,7 +67,7 @@ class RunContext:
     limits: Limits
 
 
-InputsNeeded = Literal["prompts_or_task", "task", "text", "feature", "none"]
+InputsNeeded = Literal["prompts_or_task", "prompt", "task", "text", "none"]
 
 
 @dataclass
@@ -82,6 +82,9 @@ class Kind:
     # prepare(options, inputs, tokenizer) -> extra dict stored in inputs.extra
     prepare: Callable[[BaseModel, Inputs, Any], dict[str, Any]] | None = None
     summarize: Callable[[BaseModel], str] | None = None  # a few lines for the terminal
+    # Checks what the kind needs beyond the models (e.g. transcoders) for these roles at submission
+    # (raises RequestError -> 422) and returns a fingerprint of it, part of the result's identity.
+    resources: Callable[[PairSpec, list[str]], dict[str, Any]] | None = None
 
 
 KINDS: dict[str, Kind] = {}
@@ -95,3 +98,4 @@ def register(kind: Kind) -> Kind:
 def load_builtin_kinds() -> None:
     """Import the adapters that register the built-in kinds (idempotent)."""
     import analysis.adapters  # noqa: F401
+    import analysis.adapters_circuits  # noqa: F401

@@ -144,6 +144,12 @@ def load_hf_model(source: ModelSource, role: str, dtype: torch.dtype) -> torch.n
     return model.eval()
 
 
+# transformers builds models under process-global patches (meta-device init, tied-weight set-up),
+# so two from_pretrained / boot calls in different threads corrupt each other (a parameter left on
+# the meta device). Loads are CPU-bound anyway: one at a time per process.
+_LOAD_LOCK = threading.RLock()
+
+
 def load_model(
     source: ModelSource,
     role: Role,
@@ -152,6 +158,11 @@ def load_model(
     dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
     """Load one model of a trio (uncached; use ModelCache in long-lived processes)."""
+    with _LOAD_LOCK:
+        return _load_model(source, role, device=device, dtype=dtype)
+
+
+def _load_model(source: ModelSource, role: Role, *, device, dtype) -> LoadedModel:
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     start = time.perf_counter()

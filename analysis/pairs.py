@@ -78,6 +78,9 @@ class PairSpec:
     description: str = ""
     builtin: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Transcoder directories per role (any format analysis.transcoders loads); roles not listed
+    # use models/<pair>/transcoders/<role>/.
+    transcoders: dict[str, Path] = field(default_factory=dict, compare=False, hash=False)
 
     def roles(self) -> dict[Role, ModelSource]:
         roles: dict[Role, ModelSource] = {"original": self.original, "ln_free": self.ln_free}
@@ -99,6 +102,7 @@ class PairSpec:
             "description": self.description,
             "builtin": self.builtin,
             "roles": {role: src.to_json() for role, src in self.roles().items()},
+            "transcoders": {role: str(path) for role, path in self.transcoders.items()},
         }
 
 
@@ -181,9 +185,13 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, origin: str = "lnscope
         for required in ("original", "ln_free"):
             if required not in table:
                 raise ConfigError(f"{where}: missing role `{required}`")
-        unknown_keys = set(table) - {*ROLES, "description"}
+        unknown_keys = set(table) - {*ROLES, "description", "transcoders"}
         if unknown_keys:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown_keys)} (roles: {', '.join(ROLES)}; description)")
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown_keys)} (roles: {', '.join(ROLES)}; description; transcoders)")
+        transcoders = table.get("transcoders") or {}
+        if not isinstance(transcoders, dict) or set(transcoders) - set(ROLES) or not all(
+                isinstance(v, str) and v for v in transcoders.values()):
+            raise ConfigError(f"{where}.transcoders: expected a table of role = \"directory or file\" ({', '.join(ROLES)})")
         sources = {
             role: _parse_source(table[role], where=f"{where}.{role}", base_dir=base_dir)
             for role in ROLES
@@ -196,6 +204,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, origin: str = "lnscope
             control=sources.get("control"),
             description=str(table.get("description", "")),
             builtin=False,
+            transcoders={role: (base_dir / os.path.expanduser(v)).resolve() for role, v in transcoders.items()},
         )
     default = data.get("default_pair")
     if default is not None and not isinstance(default, str):

@@ -9,7 +9,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -177,6 +177,11 @@ def submit_analysis(
     state = _state(request)
     if kind not in KINDS:
         raise ApiError(404, f"unknown analysis kind {kind!r}; kinds: {', '.join(sorted(KINDS))}")
+    return _submit(state, kind, body, wait=wait, timeout=timeout)
+
+
+def _submit(state: ServerState, kind: str, body: AnalysisRequest, *, wait: bool, timeout: float):
+    """Validate, dedupe, queue and (with `wait`) wait: a stored result, or 202 with the job."""
     spec_kind = KINDS[kind]
     try:
         options = spec_kind.options.model_validate(body.options)
@@ -190,13 +195,14 @@ def submit_analysis(
             raise ApiError(404, f"roles[{i}]: pair {spec.name!r} has no role {role!r}; its roles are {sorted(spec.roles())}")
     if len(roles) < spec_kind.min_roles:
         raise RequestError(["body", "roles"], f"{kind} needs at least {spec_kind.min_roles} roles")
+    resources = spec_kind.resources(spec, roles) if spec_kind.resources is not None else {}
     tokenizer, n_ctx = _tokenizer(state, spec)
     inputs = prepare_inputs(spec_kind, body, tokenizer, n_ctx, state.limits, default_text=_default_text(spec))
     if spec_kind.prepare is not None:
         inputs.extra = spec_kind.prepare(options, inputs, tokenizer)
 
     stored_inputs = {**body.model_dump(mode="json"), "roles": roles, "options": options.model_dump(mode="json")}
-    key = _manifest_key(state, spec, roles)
+    key = {**_manifest_key(state, spec, roles), **resources}
     digest = request_hash(kind, stored_inputs, key)
     if (done := state.store.find_done(digest)) is not None:
         return _result_out(done, cached=True)
@@ -227,6 +233,28 @@ def submit_analysis(
         if row.status in ("failed", "cancelled"):
             _failure_response(row)
     return JSONResponse(status_code=202, content=_job_info(row).model_dump(mode="json"))
+
+
+@router.get("/features/{pair}/{role}/{layer}/{feature}", response_model=ResultOut,
+            responses={**ERRORS, 202: {"model": JobInfo}},
+            summary="A transcoder feature's page (the `feature` analysis for one role, stored like any result)")
+def get_feature(
+    request: Request,
+    pair: str = Path(max_length=128),
+    role: str = Path(max_length=32),
+    layer: int = Path(ge=0, le=1000),
+    feature: int = Path(ge=0, le=10_000_000),
+    n_contexts: int | None = Query(None, ge=1, le=100),
+):
+    state = _state(request)
+    spec = _pair(state, pair)
+    if role not in spec.roles():
+        raise ApiError(404, f"role: pair {spec.name!r} has no role {role!r}; its roles are {sorted(spec.roles())}")
+    options: dict[str, Any] = {"layer": layer, "feature": feature}
+    if n_contexts is not None:
+        options["n_contexts"] = n_contexts
+    body = AnalysisRequest(pair=pair, roles=[role], options=options)
+    return _submit(state, "feature", body, wait=True, timeout=state.settings.inline_wait_s)
 
 
 def _default_text(spec: PairSpec) -> list[str]:

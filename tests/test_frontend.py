@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from tests.test_server_process import free_port
+from tests.transcoder_fixtures import build_transcoders, transcoders_toml
 
 from playwright import sync_api as playwright_api  # installed by `make test` (the test extra)
 
@@ -50,9 +51,11 @@ def server(trio_dirs, tmp_path_factory):
     """A uvicorn process serving the API and the frontend, with the random trio as pair `local`."""
     tmp = tmp_path_factory.mktemp("frontend-server")
     config = tmp / "lnscope.toml"
+    transcoders = build_transcoders(trio_dirs, tmp / "transcoders")
     config.write_text(
         'default_pair = "local"\n[pairs.local]\n'
-        + "".join(f'{role} = {{ path = "{trio_dirs[role]}" }}\n' for role in ROLES))
+        + "".join(f'{role} = {{ path = "{trio_dirs[role]}" }}\n' for role in ROLES)
+        + transcoders_toml(transcoders))
     env = {**os.environ, "LNSCOPE_CONFIG": str(config), "LNSCOPE_DATA_DIR": str(tmp / "data"), "LNSCOPE_DEVICE": "cpu",
            "LNSCOPE_PRELOAD": "true", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     port = free_port()
@@ -385,6 +388,40 @@ def test_circuit_view_graph_node_and_feature_page(page, server, shots, tmp_path)
     names = page.evaluate("() => document.getElementById('circuit-graph').data.map(t => t.name)")
     assert any(n and n.startswith("gained") for n in names) and any(n and n.startswith("lost") for n in names)
     shot(page, shots, "circuit-diff")
+
+
+def test_circuit_diff_from_home_node_click_feature_page_and_permalink(page, server, shots):
+    """A real circuit-diff (the random trio's transcoders) run from the home page, then a feature's page."""
+    open_view(page, server, "/")
+    page.locator('.field[data-field="prompts"] textarea').fill(IOI)
+    page.select_option('.field[data-field="options.target.kind"] select', "top")
+    page.locator('.field[data-field="roles"] input[value="control"]').uncheck()
+    page.click('button[data-kind="circuit-diff"]')
+    page.wait_for_url("**/#/circuit-diff/*", timeout=120_000)
+    page.wait_for_selector("#circuit-graph .main-svg")
+    assert "gained" in page.locator("#circuit-counts").inner_text()  # diff mode opens by default
+    result = api(server, "/results/" + page.url.split("/")[-1].split("?")[0])["result"]
+    assert set(result["roles"]) == {"original", "ln_free"} and result["diff"]["matched_nodes"]
+    # a transcoder feature node drawn in the ln_free graph (ids "<layer>_<feature>_<pos>", layer < n_layers)
+    node_id = page.evaluate("""() => {
+        const ids = document.getElementById('circuit-graph').data.flatMap(t => t.mode === 'markers' ? (t.customdata || []) : []);
+        return ids.find(id => /^[01]_\\d+_\\d+$/.test(id));
+    }""")
+    assert node_id, "no feature node drawn"
+    click_node(page, node_id)  # nodes sharing a cell sit close together: read back which one was hit
+    page.wait_for_function("() => /^L[01] #/.test(document.querySelector('#node-panel h3')?.textContent || '')")
+    picked = page.locator("#node-panel dd.mono").first.inner_text()
+    layer, feature, _ = picked.split("_")
+    assert page.locator("#node-panel h3").first.inner_text().startswith(f"L{layer} #{feature} ")
+    page.click("#open-feature")
+    page.wait_for_url("**/#/feature/*", timeout=60_000)
+    page.wait_for_selector("#feature-page #feature-histogram .main-svg")
+    assert page.locator("#feature-page h2").first.inner_text().startswith(f"Feature L{layer} #{feature}")
+    assert page.locator("#feature-page .logit-list.up li").count() == 10
+    shot(page, shots, "feature")
+    page.reload()  # the permalink reopens the stored page
+    page.wait_for_selector("#feature-page #feature-histogram .main-svg")
+    assert page.locator("#feature-page .logit-list.down li").count() == 10
 
 
 def test_no_request_left_the_server_and_no_script_errors(page, foreign):

@@ -59,7 +59,7 @@ class BuildConfig:
     vocab_size: int = 4096  # upper bound; BPE stops when no pair occurs twice
     # stages
     # 1000 x 32 x 128 = 4.1M tokens: ~20-40 min on 2 shared CPU cores (the shipped trio's settings)
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=1000, batch_size=32))
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=2000, batch_size=32, snapshot_every=500))
     remove_ln_steps: int = 300  # FakeLN fine-tuning steps (the control gets the same)
     remove_ln_batch_size: int = 32
     remove_ln_lr: float = 6e-4

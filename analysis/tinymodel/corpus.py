@@ -32,12 +32,17 @@ CORPUS_SPLITS: tuple[str, ...] = ("train", "heldout")
 EOT = "<|endoftext|>"
 
 # How often each block appears in a document.
-P_IOI = 0.85  # at least one IOI sentence
-P_SECOND_IOI = 0.35
-P_IOI_FIRST = 0.25  # the document opens with the IOI sentence (as the task prompts do)
-P_YEARS = 0.45
-P_YEARS_FIRST = 0.1
-P_REPEAT = 0.35
+# The task blocks are dense on purpose: a 1M-parameter model sees ~8M tokens, and IOI's
+# S-inhibition and induction's K-composition only form when they pay off often.
+P_IOI = 0.95  # at least one IOI sentence
+P_SECOND_IOI = 0.75
+P_THIRD_IOI = 0.4
+P_IOI_FIRST = 0.6  # the document opens with the IOI sentence (as the task prompts do)
+P_YEARS = 0.7
+P_YEARS_FIRST = 0.15
+P_REPEAT = 0.9
+P_SECOND_REPEAT = 0.4
+REPEAT_WORDS = (6, 16)  # words in a repeated sequence
 P_FACTS = 0.4
 P_THIRD_CHARACTER = 0.3
 P_NEW_IOI_NAMES = 0.15  # the IOI sentence introduces two new characters
@@ -410,7 +415,7 @@ class _Story:
 
     def repeat(self) -> str:
         rng = self.rng
-        words = rng.sample(WORDS, rng.randint(4, 14))
+        words = rng.sample(WORDS, rng.randint(*REPEAT_WORDS))
         frame = _pick(rng, REPEAT_FRAMES)
         seq = " ".join(words)
         return self.render(frame.replace("{SEQ}", seq).replace("{LIST}", ", ".join(words)))
@@ -426,20 +431,24 @@ class _Story:
 def _document(rng: random.Random) -> str:
     story = _Story(rng)
     first: list[str] = []
-    middle: list[list[str]] = [story.story_sentences(rng.randint(2, 5))]
+    middle: list[list[str]] = [story.story_sentences(rng.randint(1, 3))]
     if rng.random() < P_IOI:
         block = [story.ioi_sentence()]
         (first if rng.random() < P_IOI_FIRST else middle).append(block)
         if rng.random() < P_SECOND_IOI:
             middle.append([story.ioi_sentence()])
+            if rng.random() < P_THIRD_IOI:
+                middle.append([story.ioi_sentence()])
     if rng.random() < P_YEARS:
         block = story.history()
         (first if not first and rng.random() < P_YEARS_FIRST else middle).append(block)
     if rng.random() < P_REPEAT:
         middle.append([story.repeat()])
+        if rng.random() < P_SECOND_REPEAT:
+            middle.append([story.repeat()])
     if rng.random() < P_FACTS:
         middle.append(story.facts())
-    middle.append(story.story_sentences(rng.randint(1, 3)))
+    middle.append(story.story_sentences(rng.randint(0, 2)))
     rng.shuffle(middle)
     sentences = [s for block in first for s in block] + [story.opening()]
     sentences += [s for block in middle for s in block] + [story.ending()]

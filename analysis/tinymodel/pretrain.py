@@ -49,6 +49,7 @@ class PretrainConfig:
     seed: int = 0
     eval_every: int = 250  # steps; 0: only at the end
     eval_sequences: int = 64  # held-out sequences per evaluation
+    snapshot_every: int = 0  # steps; >0: also save the model to out_dir/step-N (to watch circuits form)
     log_every: int = 10
     time_budget_minutes: float | None = None  # safety stop: save and return when exceeded
     num_threads: int | None = None  # None: torch's default (all cores)
@@ -269,6 +270,8 @@ def pretrain(
             history["time"].append(round(time.perf_counter() - t_train, 2))
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             evaluate()
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.steps:
+            model.save_pretrained(out / f"step-{step}", safe_serialization=True)
         if bar is not None:
             bar.update(1)
             if step % cfg.log_every == 0:

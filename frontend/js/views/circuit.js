@@ -161,13 +161,20 @@ function layout(nodes, nLayers) {
   return pos;
 }
 
+/** A feature node's index in its layer: circuit-tracer's node_id is "<layer>_<index>_<pos>" while
+ *  its `feature` field is a Cantor pairing of (layer, index); files without such ids keep `feature`. */
+export function featureIndex(n) {
+  const m = /^(?:lost:)?(\d+)_(\d+)_(\d+)$/.exec(String(n.node_id));
+  return m && String(n.layer) === m[1] ? Number(m[2]) : n.feature;
+}
+
 function nodeName(n, tokens) {
   const t = nodeType(n);
   const tok = tokens && tokens[n.ctx_idx] !== undefined ? ` "${tokens[n.ctx_idx]}"` : "";
   if (t === "embedding") return `Emb${tok}`;
   if (t === "logit") return n.clerp || `logit ${n.feature}`;
   if (t === "error") return `error L${n.layer} @${n.ctx_idx}`;
-  return `L${n.layer} #${n.feature} @${n.ctx_idx}`;
+  return `L${n.layer} #${featureIndex(n)} @${n.ctx_idx}`;
 }
 
 function nLayersOf(graphs) {
@@ -422,7 +429,7 @@ export function graphView(container, graphs, { result, resultId = null, kind = n
         h("dt", {}, "type"), h("dd", {}, n.feature_type || "–"),
         h("dt", {}, "layer"), h("dd", {}, String(n.layer)),
         h("dt", {}, "position"), h("dd", {}, `${n.ctx_idx}${current.tokens && current.tokens[n.ctx_idx] !== undefined ? ` (${JSON.stringify(current.tokens[n.ctx_idx])})` : ""}`),
-        h("dt", {}, "feature"), h("dd", {}, String(n.feature)),
+        h("dt", {}, "feature"), h("dd", {}, String(nodeType(n) === "feature" ? featureIndex(n) : n.feature)),
         h("dt", {}, "activation"), h("dd", {}, fmt(n.activation, 4)),
         h("dt", {}, "influence"), h("dd", {}, fmt(n.influence, 4)),
         n.clerp ? [h("dt", {}, "label"), h("dd", {}, n.clerp)] : null),
@@ -448,15 +455,10 @@ export function graphView(container, graphs, { result, resultId = null, kind = n
       replace(featureBox, notice("No feature data for this node: the graph does not embed feature pages and this server has no `feature` analysis."));
       return;
     }
-    const kinds = await getKinds();
-    const schema = (kinds.find((k) => k.name === "feature") || {}).options_schema || {};
-    const props = schema.properties || {};
-    const options = {};
-    const layer = Number.parseInt(n.layer, 10);
-    for (const [name, value] of [["layer", layer], ["feature", n.feature], ["index", n.feature], ["feature_index", n.feature], ["role", state.role]]) {
-      if (name in props && options[name] === undefined) options[name] = value;
-    }
-    const body = { pair: pair || undefined, roles: roles.includes(state.role) && state.role !== "graph" ? [state.role] : undefined, options };
+    // circuit-tracer node ids are "<layer>_<feature index>_<position>" (its `feature` field is a Cantor pairing)
+    const options = { layer: Number.parseInt(n.layer, 10), feature: featureIndex(n) };
+    const role = String(state.selected || "").startsWith("lost:") ? state.ref : state.role;
+    const body = { pair: pair || undefined, roles: roles.includes(role) && role !== "graph" ? [role] : undefined, options };
     const box = h("div", { class: "card" }, h("h3", {}, `Feature ${nodeName(n, current.tokens)}`));
     replace(featureBox, box);
     try {
@@ -478,5 +480,13 @@ function diffInfo(result, ref, role) {
   const d = result.diff || result.diffs;
   if (!d) return null;
   if (d.matched || d.gained || d.lost) return d;
+  if (Array.isArray(d.matched_nodes) && Array.isArray(d.roles)) {
+    // lnscope's CircuitDiff: roles [a, b]; matched_nodes {node_id_a, node_id_b}; only_a / only_b kept in one circuit
+    const [a, b] = d.roles;
+    if (!(new Set([a, b]).has(role) && new Set([a, b]).has(ref)) || role === ref) return null;
+    const forward = ref === a; // reference a, shown b
+    const pairs = d.matched_nodes.filter((m) => m.in_pruned_a && m.in_pruned_b).map((m) => (forward ? [m.node_id_a, m.node_id_b] : [m.node_id_b, m.node_id_a]));
+    return { matched: pairs, gained: (forward ? d.only_b : d.only_a).map((n) => n.node_id), lost: (forward ? d.only_a : d.only_b).map((n) => n.node_id) };
+  }
   return d[`${role} - ${ref}`] || d[`${role}-${ref}`] || d[role] || null;
 }

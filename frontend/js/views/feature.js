@@ -58,7 +58,9 @@ export function normalizeFeature(d) {
   return {
     title, contexts, hist, promoted, suppressed,
     stats: {
-      "activation frequency": d.activation_frequency ?? d.frequency ?? d.density ?? null,
+      "activation frequency": d.activation_frequency ?? d.firing_rate ?? d.frequency ?? d.density ?? null,
+      "mean activation when active": d.mean_activation_when_active ?? null,
+      "tokens indexed": d.n_tokens_indexed ?? null,
       "max activation": d.act_max ?? d.max_activation ?? null,
       transcoder: d.transcoder_id ?? d.transcoder ?? null,
       description: d.clerp ?? d.description ?? d.label ?? null,
@@ -124,7 +126,8 @@ export async function render({ root, route, signal }) {
     const d = feats[route.query.node];
     if (d) pages.push(featurePage(d, { role: route.query.role }));
   } else if (r.roles && typeof r.roles === "object" && !r.examples_quantiles) {
-    pages = sortRoles(r.roles).map((role) => featurePage(r.roles[role].feature || r.roles[role], { role }));
+    const record = (v) => (v && typeof v.feature === "object" && v.feature !== null ? v.feature : v);
+    pages = sortRoles(r.roles).map((role) => featurePage(record(r.roles[role]), { role }));
   } else {
     pages.push(featurePage(r.feature || r));
   }

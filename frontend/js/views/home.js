@@ -32,8 +32,8 @@ const INPUT_NEEDS = {
   prompts_or_task: "prompts or a task",
   task: "a task (clean/corrupt pairs)",
   text: "free text (optional: the pair's evaluation text by default)",
-  feature: "a transcoder feature: open it from a circuit node",
-  none: "no inputs",
+  prompt: "one prompt (the first line)",
+  none: "its options only",
 };
 
 const KIND_ORDER = ["dla", "attribution-patching", "activation-patching", "patching-fidelity", "confidence-neurons",
@@ -126,7 +126,8 @@ export async function render({ root, signal }) {
   const tokensOut = h("div", { class: "token-preview", "aria-live": "polite" });
   const targetKind = h("select", { id: id("target-kind") },
     h("option", { value: "logit_diff", selected: form.targetKind === "logit_diff" }, "logit difference"),
-    h("option", { value: "logit", selected: form.targetKind === "logit" }, "one logit"));
+    h("option", { value: "logit", selected: form.targetKind === "logit" }, "one logit"),
+    h("option", { value: "top", selected: form.targetKind === "top" }, "top logits (circuits; DLA needs a token)"));
   const tokenInput = h("input", { type: "text", id: id("token"), value: form.token, spellcheck: "false", autocomplete: "off" });
   const otherInput = h("input", { type: "text", id: id("other"), value: form.other, spellcheck: "false", autocomplete: "off" });
   const tokenHint = h("div", { class: "tok-meta" });
@@ -295,7 +296,8 @@ export async function render({ root, signal }) {
     for (const { runBtn, needs, kind } of cards.values()) {
       let problem = null;
       if (kind.inputs === "task" && form.mode !== "task") problem = "needs a task: switch the input to Task";
-      if (kind.inputs === "feature") problem = "opens from a circuit node";
+      if (kind.inputs === "prompt" && form.mode !== "prompts") problem = "needs a prompt: switch the input to Prompts";
+      if (kind.name === "feature") problem = "opens from a node of a circuit";
       runBtn.disabled = !!problem;
       needs.textContent = problem ? `Input: ${INPUT_NEEDS[kind.inputs] || kind.inputs} — ${problem}` : `Input: ${INPUT_NEEDS[kind.inputs] || kind.inputs}`;
     }
@@ -310,13 +312,20 @@ export async function render({ root, signal }) {
         b.prompts = form.prompts.split("\n").map((l) => l.replace(/\s+$/, "")).filter((l) => l.trim());
         if (!b.prompts.length) b.prompts = [""]; // the server names the empty prompt box
         if (schema.properties && schema.properties.target) {
-          b.options.target = { kind: form.targetKind, token: form.token };
+          b.options.target = { kind: form.targetKind === "top" ? "logit" : form.targetKind, token: form.token };
           if (form.targetKind === "logit_diff") b.options.target.other = form.other;
         }
       } else {
         b.task = form.task.name === "custom"
           ? { name: "custom", pairs: form.pairs.map((p) => ({ ...p })) }
           : { name: form.task.name, n_prompts: form.task.n_prompts, seed: form.task.seed, split: form.task.split };
+      }
+    }
+    if (kind.inputs === "prompt") {
+      b.prompts = [form.prompts.split("\n").map((l) => l.replace(/\s+$/, "")).find((l) => l.trim()) || ""];
+      if (form.targetKind !== "top" && schema.properties && schema.properties.target) {
+        b.options.target = { kind: form.targetKind, token: form.token };
+        if (form.targetKind === "logit_diff") b.options.target.other = form.other;
       }
     }
     if (kind.inputs === "text" && form.text.trim()) b.text = [form.text];

@@ -1,0 +1,50 @@
+"""Transcoders and paired transcoder circuits.
+
+Public API
+----------
+Model (model.py)
+    Transcoder, TranscoderSet, random_transcoders
+Training (train.py)
+    train_transcoders(model, texts, *, d_transcoder, layers=None, activation="relu"|"topk", l1_coeff, k, skip,
+                      n_tokens, batch_size, lr, seed, progress) -> (TranscoderSet, TranscoderTrainingResult)
+    evaluate_transcoders(model, tset, seqs) -> TranscoderTrainingResult; layer_metrics; spliced_loss
+Files (formats.py)
+    save_transcoders(tset, dir)                      circuit-tracer layout (config.yaml + layer_{i}.safetensors)
+    load_transcoders(path, model=...)                circuit-tracer dir, SAELens dir(s), Dunefsky .pt (no code run)
+    load_transcoders_for(pair, role, model=...)      models/<pair>/transcoders/<role>/
+    default_transcoder_dir, circuit_tracer_config, TranscoderFormatError
+Attribution graphs (graph.py)
+    attribute(model, tset, prompt, *, target_tokens=None, logit_diff=None, ...) -> AttributionGraph
+    AttributionGraph: .prune(), .scores(), .summary() -> GraphSummary, .to_json() -> CTGraphJSON,
+                      .write_json(dir, slug), .top_paths(node, k), .save()/.load()
+Paired circuits (diff.py)
+    match_features(tset_a, tset_b) -> FeatureMatching; hungarian; diff_graphs(...) -> CircuitDiff;
+    paired_circuits(models, transcoders, prompt) -> (graphs, CircuitDiff)
+Feature pages (features.py)
+    build_feature_index(model, tset, texts, top_k=20) -> FeatureIndex (.save(dir) / FeatureIndex.load(dir))
+    feature_page(model, tset, index, layer, feature) -> FeaturePage
+CLI (cli.py)
+    register(subparsers): `lnscope train-transcoders PAIR --role ROLE`, `lnscope transcoder-graph PAIR --prompt ...`
+"""
+
+from analysis.transcoders.diff import CircuitDiff, FeatureMatching, diff_graphs, hungarian, match_features, paired_circuits
+from analysis.transcoders.features import FeatureIndex, FeaturePage, build_feature_index, feature_page
+from analysis.transcoders.formats import (
+    TranscoderFormatError,
+    circuit_tracer_config,
+    default_transcoder_dir,
+    load_transcoders,
+    load_transcoders_for,
+    save_transcoders,
+)
+from analysis.transcoders.graph import AttributionGraph, CTGraphJSON, GraphSummary, attribute
+from analysis.transcoders.model import Transcoder, TranscoderSet, random_transcoders
+from analysis.transcoders.train import TranscoderTrainingResult, evaluate_transcoders, train_transcoders
+
+__all__ = [
+    "AttributionGraph", "CTGraphJSON", "CircuitDiff", "FeatureIndex", "FeatureMatching", "FeaturePage",
+    "GraphSummary", "Transcoder", "TranscoderFormatError", "TranscoderSet", "TranscoderTrainingResult",
+    "attribute", "build_feature_index", "circuit_tracer_config", "default_transcoder_dir", "diff_graphs",
+    "evaluate_transcoders", "feature_page", "hungarian", "load_transcoders", "load_transcoders_for",
+    "match_features", "paired_circuits", "random_transcoders", "save_transcoders", "train_transcoders",
+]

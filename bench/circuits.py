@@ -1,0 +1,214 @@
+"""Benchmark of transcoder attribution graphs (never run by the tests).
+
+For each role of the `tiny` pair (models/tiny/*) and prompts of 16, 64 and 128 tokens: the time of one
+attribution graph (all active features attributed, analysis.transcoders.attribute), its peak memory,
+and the ratio of the graph time to one forward + backward pass of the model on the same prompt.
+Transcoders come from models/tiny/transcoders/<role>; when absent, quick TopK (k = 16) ones are trained
+here (a message says so) and cached in build/bench/transcoders-<model>/<role>; the graph size (and time)
+grows with the number of active features, i.e. with L0 x positions x layers. Without models/tiny, a random 4-layer
+GPT-2 trio (d_model 128, context 256; LN-free in the released format) stands in, also with a message.
+
+Peak memory: each (role, length) runs in a fresh subprocess; on CUDA torch.cuda.max_memory_allocated,
+on CPU the subprocess's peak RSS (ru_maxrss) minus its RSS after loading the model and transcoders.
+
+    python bench/circuits.py [--device cuda] [--roles original ln_free] [--lengths 16 64 128] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CACHE = ROOT / "build" / "bench"
+
+
+def _rss_mib() -> float:
+    """Current resident set size (Linux), MiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return float("nan")
+
+
+def fallback_trio(root: Path) -> dict[str, Path]:
+    from tests.checkpoints import make_tokenizer, save, to_released_ln_free
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=256, vocab_size=len(tok), bos_token_id=0, eos_token_id=0)
+    original = GPT2LMHeadModel(cfg).eval()
+    return {"original": save(original, tok, root / "original"),
+            "ln_free": save(to_released_ln_free(original, 1), tok, root / "ln_free")}
+
+
+def sources() -> tuple[str, dict[str, Path]]:
+    from analysis.pairs import PairRegistry
+
+    pair = PairRegistry.load().get("tiny")
+    paths = {r: s.path for r, s in pair.roles().items()}
+    if all(p is not None and (p / "config.json").is_file() for p in paths.values()):
+        return "tiny", paths
+    root = CACHE / "fallback-trio"
+    if not (root / "ln_free" / "config.json").is_file():
+        print("models/tiny is missing (build it with `make tiny-models`): using a random 4-layer GPT-2 trio", flush=True)
+        fallback_trio(root)
+    else:
+        print("models/tiny is missing: using the cached random 4-layer GPT-2 trio", flush=True)
+    return "fallback", {"original": root / "original", "ln_free": root / "ln_free"}
+
+
+def transcoder_dir(name: str, role: str) -> Path:
+    from analysis.transcoders import default_transcoder_dir
+
+    d = default_transcoder_dir("tiny", role) if name == "tiny" else None
+    if d is not None and (d / "config.yaml").is_file():
+        return d
+    return CACHE / f"transcoders-{name}" / role
+
+
+def ensure_transcoders(name: str, paths: dict[str, Path], roles, device: str, train_tokens: int) -> None:
+    from analysis.loading import load_model
+    from analysis.pairs import ModelSource
+    from analysis.transcoders import save_transcoders, train_transcoders
+    from tests.checkpoints import TEXT
+
+    for role in roles:
+        d = transcoder_dir(name, role)
+        if (d / "config.yaml").is_file():
+            continue
+        print(f"no transcoders for {name}/{role}: training quick TopK (k=16) ones ({train_tokens} tokens) -> {d}", flush=True)
+        model = load_model(ModelSource(path=paths[role]), role, device=device)
+        texts = TEXT * 50
+        if name == "tiny":
+            from analysis.tinymodel.corpus import generate_documents
+
+            texts = generate_documents(500, seed=0, split="train")
+        tset, res = train_transcoders(model, texts, d_transcoder=8 * int(model.bridge.cfg.d_model), activation="topk", k=16,
+                                      n_tokens=train_tokens, batch_size=512, show_progress_bar=False)
+        print("   FVU per layer", [round(m.fvu, 3) for m in res.layers], "L0", [round(m.l0, 1) for m in res.layers])
+        save_transcoders(tset, d)
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    from tests.checkpoints import TEXT
+
+    text = " ".join(TEXT * 40)
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+    return ids[:n]
+
+
+def one(args) -> dict:
+    """Runs in a subprocess: one (role, length) measurement, printed as JSON."""
+    from analysis.loading import load_model
+    from analysis.pairs import ModelSource
+    from analysis.transcoders import attribute, load_transcoders
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = load_model(ModelSource(path=Path(args.model_dir)), args.role, device=device, dtype="float32")
+    tset = load_transcoders(args.transcoder_dir, model=model)
+    ids = prompt_ids(model.tokenizer, args.length)
+    toks = torch.tensor([ids], device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def fwd_bwd():
+        model.bridge.zero_grad(set_to_none=True)
+        logits = model.bridge(toks)
+        logits[0, -1].logsumexp(-1).backward()
+        sync()
+
+    fwd_bwd()  # warm-up
+    t = time.perf_counter()
+    for _ in range(args.repeats):
+        fwd_bwd()
+    fb = (time.perf_counter() - t) / args.repeats
+    model.bridge.zero_grad(set_to_none=True)
+    for p in model.bridge.parameters():
+        p.requires_grad_(False)
+    attribute(model, tset, ids[:8], batch_size=args.batch_size)  # warm-up
+    base_rss = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        g = attribute(model, tset, ids, batch_size=args.batch_size)
+        sync()
+        times.append(time.perf_counter() - t)
+    graph_s = min(times)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+        peak_kind = "CUDA max_memory_allocated above baseline"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+        peak_kind = "peak RSS above the RSS after loading"
+    s = g.summary()
+    return {"role": args.role, "tokens": len(ids), "active_features": s.n_active_features, "nodes": s.n_nodes,
+            "graph_s": graph_s, "fwd_bwd_s": fb, "ratio": graph_s / fb, "peak_mib": peak, "peak_kind": peak_kind,
+            "identity_max_rel_error": s.identity_max_rel_error, "replacement": s.replacement_score,
+            "completeness": s.completeness_score}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--roles", nargs="+", default=["original", "ln_free"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="targets per backward pass")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-tokens", type=int, default=100_000, help="for quick transcoders when none exist")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--role", help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--transcoder-dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(args)))
+        return
+    torch.set_num_threads(args.threads)
+    name, paths = sources()
+    ensure_transcoders(name, paths, args.roles, args.device, args.train_tokens)
+    rows = []
+    for role in args.roles:
+        for n in args.lengths:
+            cmd = [sys.executable, __file__, "--one", "--role", role, "--length", str(n), "--model-dir", str(paths[role]),
+                   "--transcoder-dir", str(transcoder_dir(name, role)), "--device", args.device,
+                   "--repeats", str(args.repeats), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                print(f"{role} {n}: failed\n{run.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(run.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{role:>9} {row['tokens']:>4} tokens: {row['active_features']:>6} active features, graph "
+                  f"{row['graph_s']:7.2f} s = {row['ratio']:7.1f} x fwd+bwd ({row['fwd_bwd_s'] * 1e3:.1f} ms), peak "
+                  f"{row['peak_mib']:7.1f} MiB ({row['peak_kind']}), identity {row['identity_max_rel_error']:.1e}",
+                  flush=True)
+    out = CACHE / "circuits.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": name, "device": args.device, "rows": rows}, indent=2))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
