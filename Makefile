@@ -17,7 +17,7 @@ SHELL := /bin/bash
 CHROMIUM ?= $(shell command -v chromium 2>/dev/null || echo /usr/bin/chromium)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install browser tiny-models bench clean
+.PHONY: run test install browser circuit-tracer tiny-models bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,15 +41,34 @@ browser:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	@test -x "$(CHROMIUM)" || { echo "chromium is missing at $(CHROMIUM)"; exit 1; }
 
-test: install browser
-	LNSCOPE_CHROMIUM="$(CHROMIUM)" $(BIN)/python -m pytest $(PYTEST_ARGS)
+# circuit-tracer (the reference for our attribution graphs) needs TransformerLens < 4, so it lives
+# in its own venv; tests/test_circuits.py compares graphs through it. Skipped if it cannot install.
+CT_VENV ?= .venv-ct
+CT_SPEC ?= circuit-tracer==0.5.0
+$(CT_VENV)/.installed:
+	$(PYTHON) -m venv $(CT_VENV)
+	$(CT_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(TORCH_SPEC)" "$(CT_SPEC)" 2>&1 | $(QUIET)
+	$(CT_VENV)/bin/python -c "import circuit_tracer, transformer_lens; transformer_lens.HookedTransformer"
+	touch $@
 
-# Rebuilds models/tiny from nothing (seeded; ~1 h on 2 CPU cores). CI uses the shipped files.
+circuit-tracer:
+	@$(MAKE) --no-print-directory $(CT_VENV)/.installed || { rm -rf $(CT_VENV); \
+		echo "circuit-tracer did not install: the comparison test will be skipped"; }
+
+test: install browser circuit-tracer
+	LNSCOPE_CHROMIUM="$(CHROMIUM)" LNSCOPE_CIRCUIT_TRACER_PYTHON="$(abspath $(CT_VENV))/bin/python" \
+		$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Rebuilds models/tiny and its transcoders from nothing (seeded; ~75 min on 2 CPU cores).
+# CI uses the shipped files.
+TC_ARGS ?= --activation topk --k 32 --n-tokens 150000 --quiet
 tiny-models: install
 	$(BIN)/lnscope build-tiny --out models/tiny --work-dir build/tiny-work --pretrain-minutes 55
+	for role in original ln_free control; do $(BIN)/lnscope train-transcoders tiny --role $$role $(TC_ARGS) || exit 1; done
+	$(BIN)/lnscope build-tiny --out models/tiny --card-only
 
 bench: install
 	$(BIN)/python bench/analyses.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(CT_VENV) .pytest_cache build *.egg-info

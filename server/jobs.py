@@ -61,10 +61,17 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._model_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, name=f"lnscope-worker-{i}", daemon=True) for i in range(workers)]
+        self._workers = workers
+        self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
 
     def start(self) -> None:
+        """Start the workers (again after `stop`: an app may run several lifespans in one process)."""
+        if any(t.is_alive() for t in self._threads):
+            return
+        self._stopping.clear()
+        self._threads = [threading.Thread(target=self._work, name=f"lnscope-worker-{i}", daemon=True)
+                         for i in range(self._workers)]
         for t in self._threads:
             t.start()
 

@@ -95,3 +95,33 @@ def test_entropy_neuron_candidate_is_ln_mediated_only_with_ln():
     fractions = {role: v.ln_mediated_fraction_loss for role, v in top.by_role.items()}
     assert fractions["original"] is not None and abs(fractions["original"]) > 1e-6
     assert abs(fractions["ln_free"]) < 1e-9
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_shipped_transcoders_recover_the_loss_at_low_l0(models, role):
+    """Issue 6's bar, recomputed here on held-out corpus documents (not read from metrics.json)."""
+    from analysis.tinymodel.corpus import generate_documents
+    from analysis.transcoders import evaluate_transcoders, load_transcoders_for
+
+    model = models[role]
+    tset = load_transcoders_for("tiny", role, model=model)
+    assert sorted(tset.transcoders) == [0, 1, 2, 3]
+    seqs = [[model.tokenizer.bos_token_id] + model.tokenizer.encode(d)[:127]
+            for d in generate_documents(60, seed=0, split="heldout")]
+    result = evaluate_transcoders(model, tset, seqs, max_tokens=6000)
+    mean_l0 = sum(layer.l0 for layer in result.layers) / len(result.layers)
+    assert mean_l0 <= 64 and result.ce_recovered >= 0.85, (mean_l0, result.ce_recovered)
+    assert "| CE recovered |" in (TINY / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.parametrize("role", ["ln_free", "original"])
+def test_shipped_circuit_identities_hold(role):
+    """Every node's incoming edges + error + bias = its input, on the real tiny models in float64."""
+    from analysis.transcoders import attribute, load_transcoders_for
+
+    pair = PairRegistry.load().get("tiny")
+    model = ModelCache().get(pair.source(role), role, device="cpu", dtype="float64")
+    tset = load_transcoders_for("tiny", role, model=model)
+    graph = attribute(model, tset, "When Mary and John went to the store, John gave a drink to", max_n_logits=5)
+    assert graph.identity_max_rel_error < 1e-4
+    assert graph.n_features > 0

@@ -20,12 +20,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--remove-ln-steps", type=int, help="FakeLN fine-tuning steps (the control gets the same)")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--strict", action="store_true", help="exit non-zero if a quality bar is missed")
+    p.add_argument("--card-only", action="store_true",
+                   help="only rewrite OUT/MODEL_CARD.md from OUT/build_metrics.json and OUT/transcoders/*/metrics.json")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from analysis.tinymodel.build import BuildConfig, build_tiny
 
+    if args.card_only:
+        from analysis.tinymodel.build import CARD_FILE, METRICS_FILE
+        from analysis.tinymodel.model_card import write_model_card
+
+        path = write_model_card(args.out / CARD_FILE, json.loads((args.out / METRICS_FILE).read_text()))
+        print(f"wrote {path}")
+        return 0
     cfg = BuildConfig()
     pre = cfg.pretrain
     if args.steps is not None:

@@ -29,6 +29,11 @@ def render_model_card(m: dict[str, Any]) -> str:
         f"| `{name}` | {_fmt(c['value'])} | {c['bar']:.3g} | {'pass' if c['pass'] else '**miss**'} |"
         for name, c in checks.items() if isinstance(c, dict)
     )
+    missed = [name for name, c in checks.items() if isinstance(c, dict) and not c["pass"]]
+    missed_note = ("\nNot every bar is met by this build: " + ", ".join(f"`{n}`" for n in missed)
+                   + " missed. They are open work, not hidden: `tests/test_tiny_trio.py` keeps them as a strict xfail.\n"
+                   if missed else "")
+    control_gap = ev["ln_free"]["heldout_ce"] - ev["control"]["heldout_ce"]
     stages = "\n".join(f"| {name} | {sec / 60:.1f} |" for name, sec in m["stage_seconds"].items())
     schedule = rl["schedule"]
     return f"""# The tiny trio (`tiny`)
@@ -80,6 +85,9 @@ Same layout as the paper's Table (original / vanilla / LN-free):
 |---|---|---|
 {ce_rows}
 
+The control was fine-tuned for the same steps on the same data with LN kept, so LN-free − control
+({control_gap:+.4f} nats) isolates the cost of removing LN from the gain of extra training.
+
 ## Tasks (held-out prompts, {ev['original']['ioi']['n']} per task)
 
 | model | IOI accuracy | IOI logit diff | greater-than prob diff | induction loss 1st half | 2nd half | ratio |
@@ -91,13 +99,60 @@ Same layout as the paper's Table (original / vanilla / LN-free):
 | check | value | bar | |
 |---|---|---|---|
 {check_rows}
-
+{missed_note}
 Recompute with `lnscope eval tiny` (tasks and CE through the TransformerLens bridges) and
 `lnscope check-pair tiny` (exactness of the loaded models).
 """
 
 
+TRANSCODER_BARS = {"ce_recovered": 0.85, "mean_l0": 64}
+
+
+def render_transcoder_section(transcoders_dir: Path) -> str:
+    """The transcoders' metrics table (from each role's metrics.json), or "" when none are trained."""
+    import json
+
+    rows, layer_rows, settings = [], [], set()
+    for role in ("original", "control", "ln_free"):
+        path = Path(transcoders_dir) / role / "metrics.json"
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        l0 = sum(layer["l0"] for layer in m["layers"]) / len(m["layers"])
+        rec = m["ce_recovered"]
+        ok = rec is not None and rec >= TRANSCODER_BARS["ce_recovered"] and l0 <= TRANSCODER_BARS["mean_l0"]
+        rows.append(f"| {ROLE_NAMES[role]} | {l0:.1f} | {m['ce_clean']:.4f} | {m['ce_transcoders']:.4f} | "
+                    f"{m['ce_zero_ablation']:.4f} | {_fmt(rec, '.1%')} | {m['kl_to_original']:.4f} | "
+                    f"{'pass' if ok else '**miss**'} |")
+        layer_rows += [f"| {ROLE_NAMES[role]} | {layer['layer']} | {layer['l0']:.1f} | {layer['fvu']:.4f} | "
+                       f"{layer['dead_fraction']:.1%} |" for layer in m["layers"]]
+        opts = m["manifest"].get("options", {})
+        settings.add(f"d_transcoder {m['d_transcoder']}, {m['activation']}"
+                     + (f" (k {opts['k']})" if opts.get("k") else "") + f", {m['n_train_tokens']:,} training tokens, "
+                     f"{m['n_eval_tokens']:,} evaluation tokens")
+    if not rows:
+        return ""
+    return f"""
+## Transcoders
+
+One transcoder per layer and model in `transcoders/<role>/` (circuit-tracer's layout, plus
+`feature_index.safetensors` for the feature pages), trained by `lnscope train-transcoders`
+({'; '.join(sorted(settings))}). CE with every MLP replaced by its transcoder, against clean and
+zero-ablated MLPs, on corpus documents the transcoders were not trained on; CE recovered = (zero - transcoders) / (zero - clean).
+Bar: CE recovered >= {TRANSCODER_BARS['ce_recovered']:.0%} at mean L0 <= {TRANSCODER_BARS['mean_l0']}.
+
+| model | mean L0 | CE clean | CE transcoders | CE zero-ablated | CE recovered | KL to clean | bar |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+| model | layer | L0 | FVU | dead |
+|---|---|---|---|---|
+{chr(10).join(layer_rows)}
+"""
+
+
 def write_model_card(path: Path, metrics: dict[str, Any]) -> Path:
+    """MODEL_CARD.md from the build metrics, with the transcoders' table when they are trained."""
     path = Path(path)
-    path.write_text(render_model_card(metrics))
+    path.write_text(render_model_card(metrics) + render_transcoder_section(path.parent / "transcoders"))
     return path
