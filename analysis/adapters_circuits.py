@@ -9,6 +9,7 @@ The maths lives in analysis.transcoders.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -20,6 +21,7 @@ from analysis.results import Manifest, make_manifest, run_per_role
 from analysis.transcoders.diff import CircuitDiff, paired_circuits
 from analysis.transcoders.features import FeatureIndex, FeaturePage, feature_page
 from analysis.transcoders.formats import (
+    TranscoderFormatError,
     cached_transcoders_for,
     missing_transcoders_message,
     transcoder_dir,
@@ -152,7 +154,8 @@ register(Kind("circuit", "Attribution graph of one prompt per role through the r
               resources=_transcoder_resources))
 register(Kind("circuit-diff", "The attribution graphs of one prompt on two roles and their diff: features matched "
               "by decoder cosine, matched / gained / lost nodes, edge weight changes, scores side by side",
-              "prompt", CircuitOptions, _run_circuit_diff, min_roles=2, prepare=_prepare_target,
+              "prompt", CircuitOptions, _run_circuit_diff, min_roles=2, max_roles=2,
+              default_roles=("original", "ln_free"), prepare=_prepare_target,
               summarize=_summarize_circuit, resources=_transcoder_resources))
 
 
@@ -172,15 +175,19 @@ class FeatureResult(BaseModel):
 
 
 _index_cache: dict[tuple[str, str], FeatureIndex] = {}
+_index_lock = threading.Lock()
 
 
 def feature_index_for(pair: PairSpec, role: str) -> FeatureIndex:
     """The role's feature index (beside its transcoders), loaded once per set of files."""
     path = transcoder_dir(pair, role)
     key = (str(path), transcoder_fingerprint(path))
-    if key not in _index_cache:
-        _index_cache[key] = FeatureIndex.load(path)
-    return _index_cache[key]
+    with _index_lock:
+        if key not in _index_cache:
+            for old in [k for k in _index_cache if k[0] == key[0]]:  # files changed: drop the stale index
+                del _index_cache[old]
+            _index_cache[key] = FeatureIndex.load(path)
+        return _index_cache[key]
 
 
 def _run_feature(ctx: RunContext) -> FeatureResult:
@@ -196,7 +203,12 @@ def _run_feature(ctx: RunContext) -> FeatureResult:
         if o.feature >= d_tc:
             raise RequestError(["body", "options", "feature"],
                                f"feature {o.feature} out of range: layer {o.layer} of {model.role} has {d_tc} features")
-        return feature_page(model, tset, feature_index_for(ctx.pair, model.role), o.layer, o.feature,
+        index = feature_index_for(ctx.pair, model.role)
+        if o.layer not in index.layers or o.feature >= index.top_acts[o.layer].shape[0]:
+            raise TranscoderFormatError(
+                f"the feature index of {model.role} does not cover layer {o.layer} feature {o.feature} (indexed layers "
+                f"{index.layers}); rebuild it with `lnscope train-transcoders` or build_feature_index")
+        return feature_page(model, tset, index, o.layer, o.feature,
                             n_contexts=o.n_contexts, n_tokens=o.n_tokens, pair=ctx.pair.name)
 
     roles = run_per_role(ctx.models, one, ctx.progress, order=ROLE_ORDER)

@@ -78,6 +78,8 @@ class Kind:
     options: type[BaseModel]
     run: Callable[[RunContext], BaseModel]
     min_roles: int = 1
+    max_roles: int | None = None
+    default_roles: tuple[str, ...] | None = None  # used when the request names no roles (if the pair has them)
     # Checks and derives kind-specific inputs at submission (raises RequestError -> 422):
     # prepare(options, inputs, tokenizer) -> extra dict stored in inputs.extra
     prepare: Callable[[BaseModel, Inputs, Any], dict[str, Any]] | None = None

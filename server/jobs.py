@@ -66,12 +66,14 @@ class JobManager:
         self._stopping = threading.Event()
 
     def start(self) -> None:
-        """Start the workers (again after `stop`: an app may run several lifespans in one process)."""
-        if any(t.is_alive() for t in self._threads):
-            return
-        self._stopping.clear()
-        self._threads = [threading.Thread(target=self._work, name=f"lnscope-worker-{i}", daemon=True)
-                         for i in range(self._workers)]
+        """Start a fresh set of workers (an app may run several lifespans in one process).
+
+        Each set has its own stop event: workers of an earlier set still finishing a job exit after
+        it, while the new set serves the queue.
+        """
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._work, args=(self._stopping,), name=f"lnscope-worker-{i}",
+                                          daemon=True) for i in range(self._workers)]
         for t in self._threads:
             t.start()
 
@@ -116,8 +118,8 @@ class JobManager:
         with self._guard:
             return [self._model_locks.setdefault(k, threading.Lock()) for k in sorted(set(keys))]
 
-    def _work(self) -> None:
-        while not self._stopping.is_set():
+    def _work(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
             try:
                 job = self._queue.get(timeout=0.2)
             except queue.Empty:

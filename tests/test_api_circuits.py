@@ -142,6 +142,7 @@ def test_feature_page_over_get_and_post(client, cache, transcoder_dirs):
     ("circuit", {"prompts": [PROMPT], "options": {"target": {"kind": "logit", "token": " Mary Mary Mary"}}},
      ["body", "options", "target", "token"]),
     ("circuit-diff", {"roles": ["ln_free"], "prompts": [PROMPT]}, ["body", "roles"]),
+    ("circuit-diff", {"roles": ["original", "ln_free", "control"], "prompts": [PROMPT]}, ["body", "roles"]),
     ("feature", {"options": {"layer": 0}}, ["body", "options", "feature"]),
     ("feature", {"prompts": [PROMPT], "options": {"layer": 0, "feature": 1}}, ["body", "prompts"]),
     ("feature", {"roles": ["ln_free"], "options": {"layer": 0, "feature": D_TC}}, ["body", "options", "feature"]),
@@ -188,3 +189,25 @@ def test_retrained_transcoders_are_not_served_from_the_old_result(client, transc
     assert second["id"] != first["id"] and not second["cached"]
     assert second["result"]["roles"]["control"]["promoted"] == first["result"]["roles"]["control"]["promoted"]
     assert torch.isfinite(torch.tensor(second["result"]["roles"]["control"]["max_activation"]))
+
+
+def test_circuit_diff_without_roles_compares_original_and_ln_free(client):
+    r = post(client, "circuit-diff", {"pair": "local", "prompts": [PROMPT], "options": {"max_n_logits": 1}})
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["diff"]["roles"] == ["original", "ln_free"]
+
+
+def test_feature_index_next_to_a_single_transcoder_file_and_damaged_ones(tmp_path, transcoder_dirs):
+    import shutil
+
+    from analysis.transcoders import FeatureIndex, TranscoderFormatError
+
+    single = tmp_path / "transcoders.pt"
+    single.write_bytes(b"not an index")
+    with pytest.raises(TranscoderFormatError, match="no feature index"):
+        FeatureIndex.load(single)
+    shutil.copy(transcoder_dirs["ln_free"] / "feature_index.safetensors", tmp_path / "feature_index.safetensors")
+    assert FeatureIndex.load(single).layers == [0, 1]  # the index beside the file
+    (tmp_path / "feature_index.safetensors").write_bytes(b"damaged")
+    with pytest.raises(TranscoderFormatError, match="cannot read the feature index"):
+        FeatureIndex.load(tmp_path)

@@ -4,6 +4,7 @@ The `probe` kind below reports stages, can wait on an event and can fail in chos
 the queue, model locks, cancellation, time limits and storage are exercised for real.
 """
 
+import threading
 import time
 
 import pytest
@@ -228,3 +229,29 @@ def test_tokenize(config):
         assert "".join(t["text"] for t in r["tokens"][1:]) == "The capital of France"
         assert client.post("/api/v1/tokenize", json={"pair": "local", "text": ""}).status_code == 422
         assert client.post("/api/v1/tokenize", json={"pair": "zzz", "text": "a"}).status_code == 404
+
+
+def test_workers_restart_while_an_old_worker_is_still_busy(tmp_path):
+    """stop() with a job still running, then start(): the new workers serve the queue."""
+    from server.jobs import Job, JobManager
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    jobs = JobManager(store, workers=1)
+    jobs.start()
+    release = threading.Event()
+
+    def slow(progress):
+        release.wait(10)
+        return "{}", None
+
+    first = store.create(kind="probe", pair="p", inputs={}, req_hash="a", manifest=None)
+    jobs.submit(Job(id=first.id, kind="probe", model_keys=["m1"], run=slow, timeout_s=60))
+    time.sleep(0.3)
+    jobs.stop(timeout=0.1)  # the old worker is still inside `slow`
+    jobs.start()
+    release.set()
+    second = store.create(kind="probe", pair="p", inputs={}, req_hash="b", manifest=None)
+    jobs.submit(Job(id=second.id, kind="probe", model_keys=["m2"], run=lambda progress: ("{}", None), timeout_s=60))
+    assert jobs.wait(second.id, 10)
+    assert store.get(second.id).status == "done"
+    jobs.stop()

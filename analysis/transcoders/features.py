@@ -75,23 +75,28 @@ class FeatureIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureIndex":
+        from analysis.transcoders.formats import TranscoderFormatError
+
         p = Path(path)
         if p.is_dir():
             p = p / INDEX_FILE
+        elif p.name != INDEX_FILE:  # transcoders given as one file: the index sits beside it
+            p = p.parent / INDEX_FILE
         if not p.is_file():
-            from analysis.transcoders.formats import TranscoderFormatError
-
             raise TranscoderFormatError(f"no feature index at {p} (build it with build_feature_index / the CLI)")
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {}).get("lnscope", "{}"))
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        layers = [int(l) for l in meta["layers"]]
-        g = lambda name: {l: t[f"layer{l}.{name}"] for l in layers}  # noqa: E731
-        return cls(layers=layers, top_k=int(meta["top_k"]), n_bins=int(meta["n_bins"]), tokens=t["tokens"],
-                   offsets=t["offsets"], top_acts=g("top_acts"), top_seq=g("top_seq"), top_pos=g("top_pos"),
-                   hist=g("hist"), max_act=g("max"), count=g("count"), act_sum=g("sum"), n_tokens=int(meta["n_tokens"]),
-                   meta={k: v for k, v in meta.items() if k not in ("layers", "top_k", "n_bins", "n_tokens")})
-
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                meta = json.loads((f.metadata() or {}).get("lnscope", "{}"))
+                t = {k: f.get_tensor(k) for k in f.keys()}
+            layers = [int(l) for l in meta["layers"]]
+            g = lambda name: {l: t[f"layer{l}.{name}"] for l in layers}  # noqa: E731
+            return cls(layers=layers, top_k=int(meta["top_k"]), n_bins=int(meta["n_bins"]), tokens=t["tokens"],
+                       offsets=t["offsets"], top_acts=g("top_acts"), top_seq=g("top_seq"), top_pos=g("top_pos"),
+                       hist=g("hist"), max_act=g("max"), count=g("count"), act_sum=g("sum"),
+                       n_tokens=int(meta["n_tokens"]),
+                       meta={k: v for k, v in meta.items() if k not in ("layers", "top_k", "n_bins", "n_tokens")})
+        except Exception as exc:  # a damaged or foreign file: say which, never a raw traceback
+            raise TranscoderFormatError(f"cannot read the feature index {p}: {type(exc).__name__}: {exc}") from exc
 
 def _batch(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)

@@ -68,6 +68,14 @@ function matchKey(n) {
 export function diffGraphs(a, b, diff) {
   const status = new Map();
   const aIds = new Map(a.nodes.map((n) => [n.node_id, n]));
+  if (diff && Array.isArray(diff.pairs)) {
+    // [[reference id, shown id]]: matched when the partner is drawn in the other (client-pruned) graph
+    const partnerOfB = new Map(diff.pairs.map(([x, y]) => [y, x]));
+    const partnerOfA = new Map(diff.pairs.map(([x, y]) => [x, y]));
+    const bIds = new Set(b.nodes.map((n) => n.node_id));
+    for (const n of b.nodes) status.set(n.node_id, aIds.has(partnerOfB.get(n.node_id)) ? "matched" : "gained");
+    return { status, lost: a.nodes.filter((n) => !bIds.has(partnerOfA.get(n.node_id))) };
+  }
   if (diff && (diff.matched || diff.gained || diff.lost)) {
     const idOf = (x, side) => (Array.isArray(x) ? x[side] : x && typeof x === "object" ? x[side ? "b" : "a"] ?? x[side ? "target" : "source"] ?? x.node_id : x);
     const matchedB = new Set((diff.matched || []).map((m) => idOf(m, 1)));
@@ -256,10 +264,16 @@ async function renderIndex(root, available, signal) {
 export function graphView(container, graphs, { result, resultId = null, kind = null, pair = null, route, signal, available = [], fileName = null }) {
   const roles = sortRoles(Object.keys(graphs));
   const q = route.query || {};
+  // a circuit-diff shows its second role against its first; otherwise ln_free / original when present
+  const diffRoles = result && result.diff && Array.isArray(result.diff.roles) ? result.diff.roles : null;
+  const defaultRole = diffRoles && roles.includes(diffRoles[1]) ? diffRoles[1] : roles.includes("ln_free") && kind === "circuit-diff" ? "ln_free" : roles[0];
+  const role0 = roles.includes(q.role) ? q.role : defaultRole;
+  const defaultRef = diffRoles && roles.includes(diffRoles[0]) && diffRoles[0] !== role0 ? diffRoles[0]
+    : roles.includes("original") ? "original" : roles[0];
   const state = {
-    role: roles.includes(q.role) ? q.role : roles.includes("ln_free") && kind === "circuit-diff" ? "ln_free" : roles[0],
+    role: role0,
     diff: q.diff === "1" || (kind === "circuit-diff" && q.diff !== "0"),
-    ref: roles.includes(q.ref) ? q.ref : roles.includes("original") ? "original" : roles[0],
+    ref: roles.includes(q.ref) ? q.ref : defaultRef,
     nodeT: q.nodes ? Number(q.nodes) : 0.8,
     edgeT: q.edges ? Number(q.edges) : 0.98,
     selected: q.node || null,
@@ -272,10 +286,24 @@ export function graphView(container, graphs, { result, resultId = null, kind = n
 
   // controls
   const roleToggle = segmented(roles.map((r) => ({ value: r, label: roleLabel(r) })), state.role,
-    (r) => { state.role = r; state.selected = null; persist(); draw(); }, { id: "circuit-role", "aria-label": "role" });
+    (r) => {
+      state.role = r;
+      state.selected = null;
+      if (state.ref === r && state.diff) { // a role is never diffed against itself
+        state.ref = roles.find((x) => x !== r) || r;
+        refSel.value = state.ref;
+      }
+      persist();
+      draw();
+    }, { id: "circuit-role", "aria-label": "role" });
   const diffBox = h("input", { type: "checkbox", id: "circuit-diff", checked: state.diff, disabled: roles.length < 2 });
   const refSel = h("select", { id: "circuit-ref", "aria-label": "reference role" }, roles.map((r) => h("option", { value: r, selected: r === state.ref }, roleLabel(r))));
-  diffBox.addEventListener("change", () => { state.diff = diffBox.checked; persist(); draw(); });
+  diffBox.addEventListener("change", () => {
+    state.diff = diffBox.checked;
+    if (state.diff && state.ref === state.role) { state.ref = roles.find((x) => x !== state.role) || state.ref; refSel.value = state.ref; }
+    persist();
+    draw();
+  });
   refSel.addEventListener("change", () => { state.ref = refSel.value; persist(); draw(); });
   const slider = (label, key, id, min, max) => {
     const out = h("span", { class: "mono" }, state[key].toFixed(2));
@@ -485,8 +513,8 @@ function diffInfo(result, ref, role) {
     const [a, b] = d.roles;
     if (!(new Set([a, b]).has(role) && new Set([a, b]).has(ref)) || role === ref) return null;
     const forward = ref === a; // reference a, shown b
-    const pairs = d.matched_nodes.filter((m) => m.in_pruned_a && m.in_pruned_b).map((m) => (forward ? [m.node_id_a, m.node_id_b] : [m.node_id_b, m.node_id_a]));
-    return { matched: pairs, gained: (forward ? d.only_b : d.only_a).map((n) => n.node_id), lost: (forward ? d.only_a : d.only_b).map((n) => n.node_id) };
+    // every matched pair (not only those the server's pruning kept): statuses follow the sliders
+    return { pairs: d.matched_nodes.map((m) => (forward ? [m.node_id_a, m.node_id_b] : [m.node_id_b, m.node_id_a])) };
   }
   return d[`${role} - ${ref}`] || d[`${role}-${ref}`] || d[role] || null;
 }
