@@ -9,18 +9,18 @@ The maths lives in analysis.transcoders.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from analysis.kinds import Inputs, Kind, RequestError, RunContext, register
 from analysis.adapters import TargetIn, _Options, single_token
-from analysis.pairs import PairSpec
+from analysis.pairs import ROLES, PairSpec
 from analysis.results import Manifest, make_manifest, run_per_role
 from analysis.transcoders.diff import CircuitDiff, paired_circuits
 from analysis.transcoders.features import FeatureIndex, FeaturePage, feature_page
 from analysis.transcoders.formats import (
+    FileCache,
     TranscoderFormatError,
     cached_transcoders_for,
     missing_transcoders_message,
@@ -28,9 +28,6 @@ from analysis.transcoders.formats import (
     transcoder_fingerprint,
 )
 from analysis.transcoders.graph import AttributionGraph, CTGraphJSON, GraphPath, GraphSummary, attribute
-
-ROLE_ORDER = ("original", "ln_free", "control")
-
 
 def _transcoder_resources(pair: PairSpec, roles: list[str]) -> dict[str, Any]:
     """422 naming `roles` when a role has no transcoders; else their fingerprints (result identity)."""
@@ -113,7 +110,7 @@ def _run_circuit(ctx: RunContext) -> CircuitResult:
             target["target_tokens"] = [t.vocab_idx for t in graph.logit_targets]
         return _circuit_role(graph, o, ctx.pair.name)
 
-    roles = run_per_role(ctx.models, one, ctx.progress, order=ROLE_ORDER)
+    roles = run_per_role(ctx.models, one, ctx.progress, order=ROLES)
     manifest = make_manifest("circuit", ctx.models, pair=ctx.pair.name, seed=ctx.request.seed,
                              options=o.model_dump(mode="json"))
     return CircuitResult(manifest=manifest, prompt=prompt, roles=roles)
@@ -121,9 +118,7 @@ def _run_circuit(ctx: RunContext) -> CircuitResult:
 
 def _run_circuit_diff(ctx: RunContext) -> CircuitDiffResult:
     o: CircuitOptions = ctx.options  # type: ignore[assignment]
-    if len(ctx.models) != 2:
-        raise RequestError(["body", "roles"], f"circuit-diff compares two roles; got {list(ctx.models)}")
-    roles = [r for r in ROLE_ORDER if r in ctx.models]
+    roles = [r for r in ROLES if r in ctx.models]
     prompt = ctx.inputs.texts[0]
     transcoders = {r: cached_transcoders_for(ctx.pair, r, ctx.models[r]) for r in roles}
     graphs, diff = paired_circuits(ctx.models, transcoders, prompt, roles=roles, node_threshold=o.node_threshold,
@@ -174,20 +169,13 @@ class FeatureResult(BaseModel):
     roles: dict[str, FeaturePage]
 
 
-_index_cache: dict[tuple[str, str], FeatureIndex] = {}
-_index_lock = threading.Lock()
+_index_cache = FileCache()
 
 
 def feature_index_for(pair: PairSpec, role: str) -> FeatureIndex:
     """The role's feature index (beside its transcoders), loaded once per set of files."""
     path = transcoder_dir(pair, role)
-    key = (str(path), transcoder_fingerprint(path))
-    with _index_lock:
-        if key not in _index_cache:
-            for old in [k for k in _index_cache if k[0] == key[0]]:  # files changed: drop the stale index
-                del _index_cache[old]
-            _index_cache[key] = FeatureIndex.load(path)
-        return _index_cache[key]
+    return _index_cache.get(path, lambda: FeatureIndex.load(path))
 
 
 def _run_feature(ctx: RunContext) -> FeatureResult:
@@ -211,7 +199,7 @@ def _run_feature(ctx: RunContext) -> FeatureResult:
         return feature_page(model, tset, index, o.layer, o.feature,
                             n_contexts=o.n_contexts, n_tokens=o.n_tokens, pair=ctx.pair.name)
 
-    roles = run_per_role(ctx.models, one, ctx.progress, order=ROLE_ORDER)
+    roles = run_per_role(ctx.models, one, ctx.progress, order=ROLES)
     manifest = make_manifest("feature", ctx.models, pair=ctx.pair.name, seed=ctx.request.seed,
                              options=o.model_dump(mode="json"))
     return FeatureResult(manifest=manifest, layer=o.layer, feature=o.feature, roles=roles)

@@ -88,6 +88,19 @@ class Kind:
     # (raises RequestError -> 422) and returns a fingerprint of it, part of the result's identity.
     resources: Callable[[PairSpec, list[str]], dict[str, Any]] | None = None
 
+    def default_roles_for(self, pair: PairSpec) -> list[str]:
+        """The roles a request naming none runs on: the kind's defaults where the pair has them, else all."""
+        if self.default_roles is not None and set(self.default_roles) <= set(pair.roles()):
+            return list(self.default_roles)
+        return list(pair.roles())
+
+    def check_role_count(self, roles: list[str]) -> None:
+        """RequestError naming `roles` unless min_roles <= len(roles) <= max_roles."""
+        if len(roles) < self.min_roles:
+            raise RequestError(["body", "roles"], f"{self.name} needs at least {self.min_roles} roles")
+        if self.max_roles is not None and len(roles) > self.max_roles:
+            raise RequestError(["body", "roles"], f"{self.name} takes at most {self.max_roles} roles; got {roles}")
+
 
 KINDS: dict[str, Kind] = {}
 

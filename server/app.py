@@ -189,14 +189,11 @@ def _submit(state: ServerState, kind: str, body: AnalysisRequest, *, wait: bool,
         raise RequestValidationError(
             [{**e, "loc": ("body", "options", *e["loc"])} for e in exc.errors(include_url=False)]) from None
     spec = _pair(state, body.pair)
-    roles = body.roles or _default_roles(spec_kind, spec)
+    roles = body.roles or spec_kind.default_roles_for(spec)
     for i, role in enumerate(roles):
         if role not in spec.roles():
             raise ApiError(404, f"roles[{i}]: pair {spec.name!r} has no role {role!r}; its roles are {sorted(spec.roles())}")
-    if len(roles) < spec_kind.min_roles:
-        raise RequestError(["body", "roles"], f"{kind} needs at least {spec_kind.min_roles} roles")
-    if spec_kind.max_roles is not None and len(roles) > spec_kind.max_roles:
-        raise RequestError(["body", "roles"], f"{kind} takes at most {spec_kind.max_roles} roles; got {roles}")
+    spec_kind.check_role_count(roles)
     resources = spec_kind.resources(spec, roles) if spec_kind.resources is not None else {}
     tokenizer, n_ctx = _tokenizer(state, spec)
     inputs = prepare_inputs(spec_kind, body, tokenizer, n_ctx, state.limits, default_text=_default_text(spec))
@@ -257,12 +254,6 @@ def get_feature(
         options["n_contexts"] = n_contexts
     body = AnalysisRequest(pair=pair, roles=[role], options=options)
     return _submit(state, "feature", body, wait=True, timeout=state.settings.inline_wait_s)
-
-
-def _default_roles(kind, spec: PairSpec) -> list[str]:
-    if kind.default_roles is not None and set(kind.default_roles) <= set(spec.roles()):
-        return list(kind.default_roles)
-    return list(spec.roles())
 
 
 def _default_text(spec: PairSpec) -> list[str]:

@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ValidationError, json.JSONDecodeError) as exc:
         raise ConfigError(f"invalid options or inputs: {exc}") from None
-    roles = request.roles or list(pair.roles())
+    roles = request.roles or kind.default_roles_for(pair)
+    kind.check_role_count(roles)
+    if kind.resources is not None:
+        kind.resources(pair, roles)
     models = model_cache.load_pair(pair, roles, device=args.device, dtype=args.dtype)
     tokenizer = models[roles[0]].tokenizer
     n_ctx = models[roles[0]].bridge.cfg.n_ctx

@@ -455,21 +455,31 @@ def transcoder_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-_cache: dict[tuple, TranscoderSet] = {}
-_cache_lock = threading.Lock()
+class FileCache:
+    """Values built from the files under a path, built once per (path, files, extra key) and rebuilt
+    when the files change (the stale value is dropped); safe under concurrent requests."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, build, *extra: Any):
+        key = (str(path), transcoder_fingerprint(path), *extra)
+        with self._lock:
+            if key not in self._values:
+                for old in [k for k in self._values if k[0] == key[0] and k[1] != key[1]]:
+                    del self._values[old]
+                self._values[key] = build()
+            return self._values[key]
+
+
+_transcoder_cache = FileCache()
 
 
 def cached_transcoders_for(pair, role: str, model) -> TranscoderSet:
     """`load_transcoders_for` once per (directory, files, device, dtype); safe under concurrent requests."""
-    path = transcoder_dir(pair, role)
     if (message := missing_transcoders_message(pair, role)) is not None:
         raise TranscoderFormatError(message)
-    key = (str(path), transcoder_fingerprint(path), str(model.device), str(model.dtype))
-    with _cache_lock:
-        if key not in _cache:
-            for old in [k for k in _cache if k[0] == key[0]]:  # files changed: drop the stale set
-                del _cache[old]
-            tset = load_transcoders(path, model=model)
-            tset.to(device=model.device, dtype=model.dtype)
-            _cache[key] = tset
-        return _cache[key]
+    path = transcoder_dir(pair, role)
+    return _transcoder_cache.get(path, lambda: load_transcoders(path, model=model).to(device=model.device, dtype=model.dtype),
+                                 str(model.device), str(model.dtype))

@@ -238,6 +238,9 @@ class AttributionGraph:
     manifest: Manifest | None = None
     seconds: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
+    # prune() per (node_threshold, edge_threshold): to_json, summary and diff_graphs share one
+    _pruned: dict[tuple[float, float], "PruneResult"] = field(default_factory=dict, init=False, repr=False,
+                                                               compare=False)
 
     # ------------------------------------------------------------------------------ layout
     @property
@@ -331,10 +334,17 @@ class AttributionGraph:
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
         """circuit-tracer's pruning: keep the nodes holding `node_threshold` of the influence on the
         logits, then the edges holding `edge_threshold` of the edge influence; tokens and logits stay;
-        feature/error nodes without kept outgoing (features: and incoming) edges go, iteratively."""
+        feature/error nodes without kept outgoing (features: and incoming) edges go, iteratively.
+        Computed once per thresholds; the result is shared, so treat its masks as read-only."""
         for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
+        key = (float(node_threshold), float(edge_threshold))
+        if key not in self._pruned:
+            self._pruned[key] = self._prune(*key)
+        return self._pruned[key]
+
+    def _prune(self, node_threshold: float, edge_threshold: float) -> PruneResult:
         A = self.adjacency
         w = self.logit_weights
         keep_tail = self.n_logits + self.n_pos

@@ -286,24 +286,17 @@ export function graphView(container, graphs, { result, resultId = null, kind = n
 
   // controls
   const roleToggle = segmented(roles.map((r) => ({ value: r, label: roleLabel(r) })), state.role,
-    (r) => {
-      state.role = r;
-      state.selected = null;
-      if (state.ref === r && state.diff) { // a role is never diffed against itself
-        state.ref = roles.find((x) => x !== r) || r;
-        refSel.value = state.ref;
-      }
-      persist();
-      draw();
-    }, { id: "circuit-role", "aria-label": "role" });
+    (r) => { state.role = r; state.selected = null; diffAgainstAnother(); persist(); draw(); },
+    { id: "circuit-role", "aria-label": "role" });
   const diffBox = h("input", { type: "checkbox", id: "circuit-diff", checked: state.diff, disabled: roles.length < 2 });
   const refSel = h("select", { id: "circuit-ref", "aria-label": "reference role" }, roles.map((r) => h("option", { value: r, selected: r === state.ref }, roleLabel(r))));
-  diffBox.addEventListener("change", () => {
-    state.diff = diffBox.checked;
-    if (state.diff && state.ref === state.role) { state.ref = roles.find((x) => x !== state.role) || state.ref; refSel.value = state.ref; }
-    persist();
-    draw();
-  });
+  /** A role is never diffed against itself: move the reference to another role. */
+  function diffAgainstAnother() {
+    if (!state.diff || state.ref !== state.role) return;
+    state.ref = roles.find((x) => x !== state.role) || state.ref;
+    refSel.value = state.ref;
+  }
+  diffBox.addEventListener("change", () => { state.diff = diffBox.checked; diffAgainstAnother(); persist(); draw(); });
   refSel.addEventListener("change", () => { state.ref = refSel.value; persist(); draw(); });
   const slider = (label, key, id, min, max) => {
     const out = h("span", { class: "mono" }, state[key].toFixed(2));
@@ -483,7 +476,6 @@ export function graphView(container, graphs, { result, resultId = null, kind = n
       replace(featureBox, notice("No feature data for this node: the graph does not embed feature pages and this server has no `feature` analysis."));
       return;
     }
-    // circuit-tracer node ids are "<layer>_<feature index>_<position>" (its `feature` field is a Cantor pairing)
     const options = { layer: Number.parseInt(n.layer, 10), feature: featureIndex(n) };
     const role = String(state.selected || "").startsWith("lost:") ? state.ref : state.role;
     const body = { pair: pair || undefined, roles: roles.includes(role) && role !== "graph" ? [role] : undefined, options };

@@ -303,18 +303,24 @@ export async function render({ root, signal }) {
     }
   }
 
+  const promptLines = () => form.prompts.split("\n").map((l) => l.replace(/\s+$/, "")).filter((l) => l.trim());
+  /** The target of the form ("top logits" is a circuit default: DLA, which needs a token, reads it as one logit). */
+  function formTarget() {
+    const t = { kind: form.targetKind === "top" ? "logit" : form.targetKind, token: form.token };
+    if (form.targetKind === "logit_diff") t.other = form.other;
+    return t;
+  }
+
   function body(kind, opts) {
     const b = { pair: form.pair, options: opts.values() };
     if (form.roles) b.roles = form.roles;
     const schema = kind.options_schema || {};
+    const takesTarget = !!(schema.properties && schema.properties.target);
     if (kind.inputs === "prompts_or_task" || kind.inputs === "task") {
       if (form.mode === "prompts" && kind.inputs === "prompts_or_task") {
-        b.prompts = form.prompts.split("\n").map((l) => l.replace(/\s+$/, "")).filter((l) => l.trim());
+        b.prompts = promptLines();
         if (!b.prompts.length) b.prompts = [""]; // the server names the empty prompt box
-        if (schema.properties && schema.properties.target) {
-          b.options.target = { kind: form.targetKind === "top" ? "logit" : form.targetKind, token: form.token };
-          if (form.targetKind === "logit_diff") b.options.target.other = form.other;
-        }
+        if (takesTarget) b.options.target = formTarget();
       } else {
         b.task = form.task.name === "custom"
           ? { name: "custom", pairs: form.pairs.map((p) => ({ ...p })) }
@@ -322,11 +328,8 @@ export async function render({ root, signal }) {
       }
     }
     if (kind.inputs === "prompt") {
-      b.prompts = [form.prompts.split("\n").map((l) => l.replace(/\s+$/, "")).find((l) => l.trim()) || ""];
-      if (form.targetKind !== "top" && schema.properties && schema.properties.target) {
-        b.options.target = { kind: form.targetKind, token: form.token };
-        if (form.targetKind === "logit_diff") b.options.target.other = form.other;
-      }
+      b.prompts = [promptLines()[0] || ""];
+      if (takesTarget && form.targetKind !== "top") b.options.target = formTarget();
     }
     if (kind.inputs === "text" && form.text.trim()) b.text = [form.text];
     return b;
