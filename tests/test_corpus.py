@@ -7,9 +7,16 @@ import re
 import time
 
 import pytest
+import torch
 
 from analysis.tasks import vocab
-from analysis.tinymodel.corpus import generate_documents, iter_documents, join_documents
+from analysis.tinymodel.corpus import (
+    REPEAT_ROW_SPAN,
+    generate_documents,
+    iter_documents,
+    join_documents,
+    repeated_token_rows,
+)
 
 N_DOCS = 3000
 DIGIT_PAIRS = r" ?\d{2}"  # the pre-tokenizer split recommended for the tiny model's tokenizer
@@ -154,3 +161,36 @@ def test_plain_byte_level_bpe_merges_whole_years(docs):
     tok = train_bpe(docs[:2000], vocab_size=4096, digit_pairs=False)
     whole = sum(len(tok.encode(f" 17{yy:02d}")) == 1 for yy in range(100))
     assert whole > 50
+
+
+def test_repeated_token_rows_say_each_sequence_again():
+    pool = list(range(100, 400))
+    rows = repeated_token_rows(pool, n_rows=50, context=128, seed=0, bos_id=0)
+    assert rows.shape == (50, 128) and rows.dtype == torch.long
+    assert torch.equal(rows, repeated_token_rows(pool, n_rows=50, context=128, seed=0, bos_id=0))
+    assert not torch.equal(rows, repeated_token_rows(pool, n_rows=50, context=128, seed=1, bos_id=0))
+    assert (rows[:, 0] == 0).all() and set(rows[:, 1:].unique().tolist()) <= set(pool)
+    # walk each row: a run of distinct tokens, then the same run again (sometimes a third time)
+    lo, hi = REPEAT_ROW_SPAN
+    copies = []
+    for row in rows.tolist():
+        i = 1
+        while True:
+            j = i + 1
+            while j < len(row) and row[j] not in row[i:j]:
+                j += 1
+            seq = row[i:j]
+            n = 1
+            while row[i + n * len(seq): i + (n + 1) * len(seq)] == seq:
+                n += 1
+            tail = row[i + n * len(seq):]
+            if not tail:  # the cut at `context` may fall anywhere, even inside the first copy
+                break
+            if tail == seq[: len(tail)] and n < 3:  # cut inside a copy
+                break
+            assert lo <= len(seq) <= hi and n in (2, 3), (seq, n)
+            copies.append(n)
+            i += n * len(seq)
+    assert len(copies) > 100 and 0.05 < copies.count(3) / len(copies) < 0.4
+    with pytest.raises(ValueError, match="distinct tokens"):
+        repeated_token_rows(list(range(10)), n_rows=1, context=64, seed=0, bos_id=0)

@@ -111,9 +111,32 @@ def test_batched_activation_patching_equals_transformer_lens_sweeps(models, pair
     assert ours.effects["head_pos"].axes == ["layer", "pos", "head"]
     got = torch.stack([head_pos[r] for r in rows]) + corrupt_value
     assert torch.allclose(got, reference, atol=1e-5, rtol=0)
-    assert ours.n_forward_passes == -(-(2 * N_POS + 8 + 2 * N_POS * 4 + 2 * N_POS + 8) // 7)
-    # clean positions never change: patching position 0 (identical in both runs) has no effect
-    assert ours.effects["resid_pre"].tensor()[:, 0].abs().max() < 1e-12
+    # clean and corrupt differ at positions 1 and 3 only: position 0 of resid_pre, head_pos and mlp in both
+    # layers (2 + 2 * 4 + 2) and resid_pre 0 at positions 2 and 4 are unchanged, so they are not run
+    n_nodes = 2 * N_POS + 8 + 2 * N_POS * 4 + 2 * N_POS + 8
+    assert ours.n_unchanged_nodes == 14
+    assert ours.n_forward_passes == -(-(n_nodes - 14) // 7)
+    assert bridge._lnscope_suffix_exact and bridge._lnscope_prefix_kv_ok  # both shortcuts were taken
+    assert ours.effects["resid_pre"].tensor()[:, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("role", ["original", "ln_free"])
+def test_activation_patching_shortcuts_change_nothing(models, pair, role):
+    """Later-layer and later-position runs give the full forwards' effects (to float64 rounding)."""
+    bridge = models[role].bridge
+    clean, corrupt = pair
+    nodes = ["resid_pre", "head", "head_pos", "mlp", "head_v", "neuron_pos"]
+    fast = activation_patching(models[role], clean, corrupt, METRIC, nodes, chunk_size=5)
+    saved = bridge._lnscope_suffix_exact, bridge._lnscope_prefix_kv_ok
+    try:
+        bridge._lnscope_suffix_exact, bridge._lnscope_prefix_kv_ok = False, False  # every chunk: full forward
+        slow = activation_patching(models[role], clean, corrupt, METRIC, nodes, chunk_size=5)
+    finally:
+        bridge._lnscope_suffix_exact, bridge._lnscope_prefix_kv_ok = saved
+    assert fast.n_unchanged_nodes == slow.n_unchanged_nodes > 0
+    for node in nodes:
+        assert torch.allclose(fast.effects[node].tensor(), slow.effects[node].tensor(), atol=1e-10, rtol=0), node
+        assert fast.effects[node].tensor().abs().max() > 1e-6, node  # not vacuous
 
 
 @pytest.mark.parametrize("role", ["original", "ln_free"])
@@ -311,3 +334,19 @@ def test_results_round_trip_and_cancel(models, pair):
     with pytest.raises(ValueError):
         activation_patching(model, clean, corrupt, lambda logits: logits[:, -1, 0].sum(), ["mlp"])
     assert ActPatchResult  # exported
+
+
+def test_metric_positions_are_found_and_confirmed():
+    from analysis.patching.activation import _metric_positions
+
+    logits = torch.randn(3, 6, 11, dtype=torch.float64)
+    diff = logit_diff(torch.tensor([[1, 2], [3, 4], [5, 6]]))
+    assert _metric_positions(diff, logits, 3).tolist() == [5]  # logit difference at the last position
+    ends = torch.tensor([2, 4, 4])
+    at_ends = lambda lg: lg[torch.arange(3), ends, 0]  # noqa: E731 - per-prompt end positions
+    assert _metric_positions(at_ends, logits, 3).tolist() == [2, 4]
+    assert _metric_positions(lambda lg: lg.mean((1, 2)), logits, 3) is None  # reads every position
+    assert _metric_positions(lambda lg: (lg[:, -1].argmax(-1) == 0).double(), logits, 3) is None  # no gradient
+    # a gradient that vanishes at a position the metric still reads: the noise check refuses the shortcut
+    relu_read = lambda lg: lg[:, -1, 0] + torch.relu(lg[:, 0, 0] - 5)  # noqa: E731 - zero gradient at N(0, 1) logits
+    assert _metric_positions(relu_read, logits, 3) is None

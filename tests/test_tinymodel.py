@@ -79,3 +79,21 @@ def test_quality_bars_are_checked_per_role():
     assert not checks["all_pass"] and not checks["ln_free.ce_gap_vs_original"]["pass"]
     assert checks["original.ioi_accuracy"]["pass"]
     assert check_bars({"original": good, "control": good, "ln_free": good})["all_pass"]
+
+
+def test_sinusoidal_position_init():
+    import math
+
+    from analysis.tinymodel.pretrain import make_model
+
+    cfg = PretrainConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32, position_init="sinusoidal",
+                         position_init_scale=0.5)
+    wpe = make_model(cfg, vocab_size=50).transformer.wpe.weight.detach()
+    for p, i in [(0, 0), (3, 0), (7, 5), (31, 14), (31, 15)]:
+        angle = p / 10000 ** ((i - i % 2) / 16)
+        expected = 0.5 * (math.sin(angle) if i % 2 == 0 else math.cos(angle))
+        assert abs(wpe[p, i].item() - expected) < 1e-6
+    default = make_model(dataclasses.replace(cfg, position_init="normal"), vocab_size=50).transformer.wpe.weight
+    assert abs(default.std().item() - 0.02) < 0.005  # GPT-2's N(0, 0.02)
+    with pytest.raises(ValueError, match="position_init"):
+        make_model(dataclasses.replace(cfg, position_init="rotary"), vocab_size=50)

@@ -83,6 +83,9 @@ class ActPatchResult(BaseModel):
     n_pos: int
     chunk_size: int = Field(description="patched nodes per forward pass")
     n_forward_passes: int
+    n_unchanged_nodes: int = Field(
+        0, description="nodes whose clean and corrupt activations are identical in every prompt: effect exactly 0, "
+                       "not run")
     metric: MetricSummary
     effects: dict[str, NodeMap]
     manifest: Optional[Manifest] = None

@@ -43,7 +43,7 @@ def attribution_patching_trio(models: Mapping[str, LoadedModel], clean: torch.Te
 
 def activation_patching_trio(models: Mapping[str, LoadedModel], clean: torch.Tensor, corrupt: torch.Tensor,
                              metric: Any, pair: str | None = None, nodes: Iterable[str] | None = None, *,
-                             chunk_size: int = 32, normalize: bool = False,
+                             chunk_size: int | None = None, normalize: bool = False,
                              progress: Progress | None = None) -> TrioResult[ActPatchResult]:
     """activation_patching for every role."""
     nodes = resolve_nodes(nodes)
@@ -57,7 +57,7 @@ def activation_patching_trio(models: Mapping[str, LoadedModel], clean: torch.Ten
 
 def patching_fidelity_trio(models: Mapping[str, LoadedModel], clean: torch.Tensor, corrupt: torch.Tensor,
                            metric: Any, pair: str | None = None, nodes: Iterable[str] | None = None, *,
-                           qk_fix: bool = True, chunk_size: int = 32, normalize: bool = False, top_k: int = 10,
+                           qk_fix: bool = True, chunk_size: int | None = None, normalize: bool = False, top_k: int = 10,
                            progress: Progress | None = None) -> TrioResult[FidelityResult]:
     """patching_fidelity (AtP / AtP* vs activation patching) for every role, side by side."""
     nodes = resolve_nodes(nodes)
@@ -71,7 +71,7 @@ def patching_fidelity_trio(models: Mapping[str, LoadedModel], clean: torch.Tenso
 
 
 def task_set_fidelity_trio(models: Mapping[str, LoadedModel], groups: Sequence[Any], pair: str | None = None,
-                           nodes: Iterable[str] | None = None, *, qk_fix: bool = True, chunk_size: int = 32,
+                           nodes: Iterable[str] | None = None, *, qk_fix: bool = True, chunk_size: int | None = None,
                            normalize: bool = False, top_k: int = 10, n_bootstrap: int = 1000, seed: int = 0,
                            keep_groups: bool = False, progress: Progress | None = None) -> TrioResult[TaskSetFidelity]:
     """task_set_fidelity (per-group statistics with bootstrap CIs, per-node CIs) for every role."""

@@ -57,8 +57,12 @@ class BuildConfig:
     n_heldout_docs: int = 1_000  # held-out-split documents (held-out CE)
     tokenizer_docs: int = 20_000  # the first this many training documents train the tokenizer
     vocab_size: int = 4096  # upper bound; BPE stops when no pair occurs twice
+    # fraction of training rows that are repeated random word-token sequences (corpus.repeated_token_rows),
+    # the rest story text. 0 in the shipped trio; 0.25 (with 5000 x 16 steps, lr 3e-3, sinusoidal
+    # position init) had formed no induction heads by step 4000 either (2026-11-23 trial)
+    repeat_rows: float = 0.0
     # stages
-    # 1000 x 32 x 128 = 4.1M tokens: ~20-40 min on 2 shared CPU cores (the shipped trio's settings)
+    # the shipped trio's settings: 2000 x 32 x 128 = 8.2M tokens, ~45 min on 2 CPU cores
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=2000, batch_size=32, snapshot_every=500))
     remove_ln_steps: int = 300  # FakeLN fine-tuning steps (the control gets the same)
     remove_ln_batch_size: int = 32
@@ -79,8 +83,9 @@ def micro_config(seed: int = 0) -> BuildConfig:
     return BuildConfig(
         seed=seed, n_docs=400, n_heldout_docs=40, tokenizer_docs=400, vocab_size=1024,
         pretrain=PretrainConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, steps=20, batch_size=8,
-                                warmup_steps=2, eval_every=0, eval_sequences=8, log_every=5, seed=seed),
-        remove_ln_steps=None, remove_ln_batch_size=4, eval_prompts=8, induction_half_len=10,
+                                warmup_steps=2, eval_every=0, eval_sequences=8, log_every=5, seed=seed,
+                                position_init="sinusoidal"),
+        repeat_rows=0.1, remove_ln_steps=None, remove_ln_batch_size=4, eval_prompts=8, induction_half_len=10,
     )
 
 
@@ -217,7 +222,8 @@ def _build_tiny(
     strict: bool = False,
 ) -> dict[str, Any]:
     from analysis.remove_ln import RemoveLNConfig, remove_layernorm
-    from analysis.tinymodel.corpus import generate_documents
+    from analysis.tasks.induction import word_token_pool
+    from analysis.tinymodel.corpus import generate_documents, repeated_token_rows
     from analysis.tinymodel.model_card import write_model_card
     from analysis.tinymodel.tokenizer import train_tokenizer
 
@@ -248,14 +254,18 @@ def _build_tiny(
                                                                model_max_length=ctx))
 
     # 3. tokenize and pack: each row is <|endoftext|> + ctx-1 tokens of the document stream
-    def tokenize() -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         eos = tokenizer.eos_token_id
-        return (pack_stream(tokenize_docs(tokenizer, train_docs), ctx, eos),
-                pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos))
+        stories = pack_stream(tokenize_docs(tokenizer, train_docs), ctx, eos)
+        n_repeats = round(cfg.repeat_rows * stories.shape[0] / (1 - cfg.repeat_rows)) if cfg.repeat_rows else 0
+        repeats = repeated_token_rows(word_token_pool(tokenizer), n_repeats, ctx, seed, eos)
+        return stories, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos)
 
-    train_tokens, heldout_tokens = stages.run("tokenize", tokenize)
-    logger.info("build-tiny: %d train sequences (%.2fM tokens), %d held-out sequences, vocabulary %d",
-                train_tokens.shape[0], train_tokens.numel() / 1e6, heldout_tokens.shape[0], len(tokenizer))
+    story_tokens, repeat_tokens, heldout_tokens = stages.run("tokenize", tokenize)
+    train_tokens = torch.cat([story_tokens, repeat_tokens])  # pretraining and fine-tuning shuffle the rows
+    logger.info("build-tiny: %d train sequences (%d of story text, %d of repeated tokens; %.2fM tokens), "
+                "%d held-out sequences, vocabulary %d", train_tokens.shape[0], story_tokens.shape[0],
+                repeat_tokens.shape[0], train_tokens.numel() / 1e6, heldout_tokens.shape[0], len(tokenizer))
 
     # 4. pretraining (in the work directory; only the model files are shipped)
     pre_dir = work / "pretrain"
@@ -297,13 +307,15 @@ def _build_tiny(
             "generator": "analysis.tinymodel.corpus.generate_documents",
             "train_docs": cfg.n_docs, "heldout_docs": cfg.n_heldout_docs, "tokenizer_docs": cfg.tokenizer_docs,
             "train_tokens": int(train_tokens.numel()), "train_sequences": int(train_tokens.shape[0]),
+            "story_sequences": int(story_tokens.shape[0]), "repeat_sequences": int(repeat_tokens.shape[0]),
             "heldout_tokens": int(heldout_tokens.numel()), "heldout_sequences": int(heldout_tokens.shape[0]),
             "context": ctx,
         },
         "pretrain": {"steps": pre.steps, "planned_steps": cfg.pretrain.steps, "completed": pre.completed,
                      "batch_size": cfg.pretrain.batch_size, "tokens_seen": pre.tokens_seen,
                      "tokens_per_second": round(pre.tokens_per_second, 1), "final_train_loss": pre.final_loss,
-                     "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr},
+                     "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr,
+                     "position_init": cfg.pretrain.position_init},
         "remove_ln": {"steps": rl.schedule.total_steps, "schedule": rl.schedule.to_dict(),
                       "batch_size": cfg.remove_ln_batch_size, "tokens_per_step": rl.tokens_per_step,
                       "final_loss": rl.final_loss, "final_aux_loss": rl.final_aux_loss,

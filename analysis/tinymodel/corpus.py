@@ -14,6 +14,9 @@ Each document is a short TinyStories-like story (60-200 words) with, at high rat
 
 `split="heldout"` draws from a disjoint seed stream with the same generator (held-out LM loss);
 held-out *task* templates and name pairs never appear in either split.
+
+`repeated_token_rows` makes token-level training rows of repeated random word-token sequences (the
+induction task's format, fresh draws), which the build mixes in with the tokenized stories.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
+
+import torch
 
 from analysis.tasks import vocab
 
@@ -44,6 +49,9 @@ P_REPEAT = 0.9
 P_SECOND_REPEAT = 0.4
 REPEAT_WORDS = (6, 16)  # words in a repeated sequence
 P_FACTS = 0.4
+# Token-level rows of repeated random sequences (see repeated_token_rows): the build mixes these in.
+REPEAT_ROW_SPAN = (4, 40)  # tokens in one sequence
+P_THIRD_COPY = 0.2
 P_THIRD_CHARACTER = 0.3
 P_NEW_IOI_NAMES = 0.15  # the IOI sentence introduces two new characters
 
@@ -476,6 +484,34 @@ def generate_documents(n_docs: int, seed: int, split: str = "train") -> list[str
     docs = list(iter_documents(n_docs, seed, split))
     logger.debug("generated %d %s documents (seed %d)", len(docs), split, seed)
     return docs
+
+
+def repeated_token_rows(
+    pool: Sequence[int],
+    n_rows: int,
+    context: int,
+    seed: int,
+    bos_id: int | None,
+    span: tuple[int, int] = REPEAT_ROW_SPAN,
+) -> torch.Tensor:
+    """LongTensor[n_rows, context] of repeated random token sequences, the induction task's format.
+
+    Each row is <|endoftext|> then sequences r of distinct tokens drawn from `pool` (length uniform in
+    `span`), each said twice (one in P_THIRD_COPY thrice), back to back, cut at `context`. Evaluation
+    prompts are fresh draws, so what carries over is the mechanism (copy what followed the earlier
+    occurrence of the current token), not the sequences.
+    """
+    if n_rows and len(pool) < span[1]:
+        raise ValueError(f"repeated rows need at least {span[1]} distinct tokens; the pool has {len(pool)}")
+    rng = random.Random(f"lnscope-corpus/repeats/{int(seed)}")
+    rows = []
+    for _ in range(n_rows):
+        row = [] if bos_id is None else [int(bos_id)]
+        while len(row) < context:
+            seq = rng.sample(pool, rng.randint(*span))
+            row += seq * (3 if rng.random() < P_THIRD_COPY else 2)
+        rows.append(row[:context])
+    return torch.tensor(rows, dtype=torch.long).reshape(n_rows, context)
 
 
 def join_documents(docs: list[str]) -> str:

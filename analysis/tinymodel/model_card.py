@@ -36,6 +36,13 @@ def render_model_card(m: dict[str, Any]) -> str:
     control_gap = ev["ln_free"]["heldout_ce"] - ev["control"]["heldout_ce"]
     stages = "\n".join(f"| {name} | {sec / 60:.1f} |" for name, sec in m["stage_seconds"].items())
     schedule = rl["schedule"]
+    n_repeat = data.get("repeat_sequences", 0)
+    repeat_note = (
+        f", plus {n_repeat:,} rows of repeated random word-token sequences\n(`corpus.repeated_token_rows`: "
+        "sequences of 4-40 distinct tokens said two or three times, the induction task's format with\nfresh draws)"
+        if n_repeat else "")
+    position_note = (" position embeddings initialised to a sin/cos table,"
+                     if pre.get("position_init") == "sinusoidal" else "")
     return f"""# The tiny trio (`tiny`)
 
 An original GPT-2-architecture model, its LayerNorm-free twin and an LN-kept fine-tuned control,
@@ -56,7 +63,7 @@ exactly like the published GPT-2 checkpoints.
 
 A seeded synthetic corpus (`{data['generator']}`): simple English stories that also contain
 IOI-style sentences (training templates and name pairs only), year spans, repeated word
-sequences and simple facts. {data['train_docs']:,} training documents
+sequences and simple facts. {data['train_docs']:,} training documents{repeat_note}
 ({data['train_tokens']:,} tokens in {data['train_sequences']:,} sequences of {data['context']}),
 {data['heldout_docs']:,} held-out documents from a separate seed stream
 ({data['heldout_tokens']:,} tokens) for cross-entropy. Task prompts below use held-out
@@ -66,7 +73,7 @@ templates and held-out name / year combinations that never occur in the training
 
 | stage | steps | batch x context | notes |
 |---|---|---|---|
-| pre-training | {pre['steps']} | {pre['batch_size']} x {data['context']} | AdamW, lr {pre['lr']} cosine to {pre['min_lr']}, {pre['tokens_seen']:,} tokens, final train loss {_fmt(pre['final_train_loss'])} |
+| pre-training | {pre['steps']} | {pre['batch_size']} x {data['context']} | AdamW, lr {pre['lr']} cosine to {pre['min_lr']}, {pre['tokens_seen']:,} tokens,{position_note} final train loss {_fmt(pre['final_train_loss'])} |
 | LN removal (FakeLN) | {rl['steps']} | {rl['batch_size']} x {data['context']} | ln_2 from step {schedule.get('start_step')}, ln_f at step {schedule.get('ln_f_step')}, aux loss on ln_f input std |
 | control (LN kept) | {rl['steps']} | {rl['batch_size']} x {data['context']} | same data order, steps and optimiser |
 

@@ -35,6 +35,11 @@ class PretrainConfig:
     n_embd: int = 128
     n_positions: int = 128
     vocab_size: int | None = None
+    # "normal": GPT-2's N(0, 0.02) position embeddings; "sinusoidal": the learned position embeddings
+    # start from the Transformer's sin/cos table (x position_init_scale), so heads can read relative
+    # position from the first step (previous-token heads, and the induction heads built on them, form sooner)
+    position_init: str = "normal"
+    position_init_scale: float = 0.1
     # optimiser
     lr: float = 2e-3
     min_lr: float = 1e-4
@@ -116,7 +121,22 @@ def make_model(cfg: PretrainConfig, vocab_size: int, eos_id: int = 0):
     )
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(config)
+    if cfg.position_init == "sinusoidal":
+        with torch.no_grad():
+            model.transformer.wpe.weight.copy_(sinusoidal_positions(cfg.n_positions, cfg.n_embd) * cfg.position_init_scale)
+    elif cfg.position_init != "normal":
+        raise ValueError(f"position_init must be 'normal' or 'sinusoidal'; got {cfg.position_init!r}")
     return model
+
+
+def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
+    """[n_positions, d_model]: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)
+    table = torch.zeros(n_positions, d_model)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : d_model // 2]
+    return table
 
 
 def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
