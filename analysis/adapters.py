@@ -218,14 +218,16 @@ class AtPOptions(_Options):
 
 class ActPatchOptions(_Options):
     nodes: list[NodeName] = Field(default=GROUND_TRUTH_NODES, min_length=1)
-    chunk_size: int = Field(default=32, ge=1, le=1024, description="patched copies per forward pass")
+    chunk_size: int | None = Field(default=None, ge=1, le=1024,
+                                  description="patched nodes per forward pass (default: 8 on CPU, 32 on GPU)")
     normalize: bool = False
 
 
 class FidelityOptions(_Options):
     nodes: list[NodeName] = Field(default=GROUND_TRUTH_NODES, min_length=1)
     qk_fix: bool = True
-    chunk_size: int = Field(default=32, ge=1, le=1024)
+    chunk_size: int | None = Field(default=None, ge=1, le=1024,
+                                  description="patched nodes per forward pass (default: 8 on CPU, 32 on GPU)")
     normalize: bool = False
     top_k: int = Field(default=10, ge=1, le=1000)
     group_size: int = Field(default=8, ge=1, description="prompts per group; the task's prompts form the task set")
