@@ -170,6 +170,10 @@ def _shortcuts(bridge, corrupt_resid: dict[str, torch.Tensor], corrupt_logits: t
     Once per model: blocks run one by one on the cached resid_pre 0 (layers), and a run from the middle
     position on with the recorded keys and values before it (positions), must both give the full
     forward's logits to float rounding."""
+    layers_ok = getattr(bridge, "_lnscope_suffix_exact", None)
+    positions_ok = getattr(bridge, "_lnscope_prefix_kv_ok", None)
+    if layers_ok is False or (layers_ok and positions_ok is False):  # verdicts known, no keys/values needed
+        return bool(layers_ok), None
     resid0 = corrupt_resid["blocks.0.hook_resid_pre"]
     rec = _KVRecorder()
     try:
@@ -177,8 +181,8 @@ def _shortcuts(bridge, corrupt_resid: dict[str, torch.Tensor], corrupt_logits: t
             blockwise = _forward_from(bridge, 0, resid0, rec)
     except Exception as exc:  # an architecture whose blocks cannot be run one by one
         logger.info("blocks cannot run one by one (%s): patching runs full forwards", exc)
+        bridge._lnscope_suffix_exact = False
         return False, None
-    layers_ok = getattr(bridge, "_lnscope_suffix_exact", None)
     if layers_ok is None:
         layers_ok = _matches(blockwise, corrupt_logits)
         bridge._lnscope_suffix_exact = layers_ok
@@ -186,7 +190,6 @@ def _shortcuts(bridge, corrupt_resid: dict[str, torch.Tensor], corrupt_logits: t
             logger.info("block-by-block forward differs from the full forward: patching runs full forwards")
     if not layers_ok or len(rec.keys) != n_layers:
         return layers_ok, None
-    positions_ok = getattr(bridge, "_lnscope_prefix_kv_ok", None)
     if positions_ok is None:
         p0 = corrupt_logits.shape[1] // 2
         positions_ok = False

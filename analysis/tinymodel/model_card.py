@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from analysis.tinymodel.corpus import REPEAT_ROW_SPAN
+
 ROLE_NAMES = {"original": "original", "control": "control (vanilla, LN kept)", "ln_free": "LN-free"}
 
 
@@ -37,10 +39,11 @@ def render_model_card(m: dict[str, Any]) -> str:
     stages = "\n".join(f"| {name} | {sec / 60:.1f} |" for name, sec in m["stage_seconds"].items())
     schedule = rl["schedule"]
     n_repeat = data.get("repeat_sequences", 0)
+    lo, hi = REPEAT_ROW_SPAN
     repeat_note = (
         f", plus {n_repeat:,} rows of repeated random word-token sequences\n(`corpus.repeated_token_rows`: "
-        "sequences of 4-40 distinct tokens said two or three times, the induction task's format with\nfresh draws)"
-        if n_repeat else "")
+        f"sequences of {lo}-{hi} distinct tokens said two or three times, the induction task's format with\n"
+        "fresh draws)" if n_repeat else "")
     position_note = (" position embeddings initialised to a sin/cos table,"
                      if pre.get("position_init") == "sinusoidal" else "")
     return f"""# The tiny trio (`tiny`)
