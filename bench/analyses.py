@@ -4,6 +4,7 @@ For (a) the `tiny` trio's original model, if models/tiny/* exists, and (b) a GPT
 random weights (12 layers, 12 heads, d_model 768, d_mlp 3072, vocab 50257), measured in one run:
   - AtP over all default nodes (with the AtP* QK fix) / one forward + backward      (target <= 3)
   - TransformerLens's per-node activation-patching sweeps / our batched sweep       (target >= 5),
+    ours timed before and after TransformerLens's sweep (their mean; the machine's speed may drift),
     asserting both give the same patched metric within 1e-4
   - DLA for all heads (analysis.dla, cached-scale treatment) / one forward          (target <= 2)
   - peak memory: torch.cuda.max_memory_allocated per phase on CUDA; the process's peak RSS
@@ -156,22 +157,30 @@ def bench_model(name: str, model, n_prompts: int, n_pos: int, tl_nodes: list[str
     print(f"AtP + AtP* over {n_atp} nodes {list(DEFAULT_NODES)}: {t_atp * 1e3:.1f} ms = "
           f"{t_atp / t_fb:.2f} x forward+backward (target <= 3); peak {mem.peak()}")
 
+    def ours_timed():
+        start = time.perf_counter()
+        result = activation_patching(model, clean, corrupt, metric, tl_nodes, chunk_size=chunk)
+        sync(device)
+        return time.perf_counter() - start, result
+
+    # ours runs before and after TransformerLens's sweep and the ratio uses the mean of the two, so that a
+    # machine whose speed drifts during the (long) TransformerLens sweep favours neither side
     mem.reset()
-    start = time.perf_counter()
-    ours = activation_patching(model, clean, corrupt, metric, tl_nodes, chunk_size=chunk)
-    sync(device)
-    t_ours = time.perf_counter() - start
+    t_before, ours = ours_timed()
     peak_ours = mem.peak()
     n_nodes = sum(m.tensor().numel() for m in ours.effects.values())
     start = time.perf_counter()
     ref = tl_sweeps(bridge, clean, corrupt, metric, tl_nodes)
     sync(device)
     t_tl = time.perf_counter() - start
+    t_after, _ = ours_timed()
+    t_ours = (t_before + t_after) / 2
     diff = max(float((ours.effects[n].tensor() + ours.metric.corrupt - ref[n]).abs().max()) for n in tl_nodes)
     assert diff < 1e-4, f"batched activation patching differs from TransformerLens by {diff}"
     print(f"activation patching {tl_nodes} ({n_nodes} nodes): TransformerLens {t_tl:.2f} s, ours {t_ours:.2f} s "
-          f"(chunk {ours.chunk_size}, {ours.n_forward_passes} passes, {ours.n_unchanged_nodes} unchanged nodes not run) = "
-          f"{t_tl / t_ours:.1f} x faster (target >= 5); "
+          f"(before / after TransformerLens {t_before:.2f} / {t_after:.2f} s; chunk {ours.chunk_size}, "
+          f"{ours.n_forward_passes} passes, {ours.n_unchanged_nodes} unchanged nodes not run, shortcuts "
+          f"{', '.join(ours.shortcuts) or 'none'}) = {t_tl / t_ours:.1f} x faster (target >= 5); "
           f"max |diff| {diff:.1e}; peak {peak_ours}")
 
     try:

@@ -117,6 +117,7 @@ def test_batched_activation_patching_equals_transformer_lens_sweeps(models, pair
     assert ours.n_unchanged_nodes == 14
     assert ours.n_forward_passes == -(-(n_nodes - 14) // 7)
     assert bridge._lnscope_suffix_exact and bridge._lnscope_prefix_kv_ok  # both shortcuts were taken
+    assert ours.shortcuts == ["later_layers", "later_positions", "read_positions", "read_vocab", "last_mlp_read_only"]
     assert ours.effects["resid_pre"].tensor()[:, 0].abs().max() == 0
 
 
@@ -127,16 +128,44 @@ def test_activation_patching_shortcuts_change_nothing(models, pair, role):
     clean, corrupt = pair
     nodes = ["resid_pre", "head", "head_pos", "mlp", "head_v", "neuron_pos"]
     fast = activation_patching(models[role], clean, corrupt, METRIC, nodes, chunk_size=5)
-    saved = bridge._lnscope_suffix_exact, bridge._lnscope_prefix_kv_ok
-    try:
-        bridge._lnscope_suffix_exact, bridge._lnscope_prefix_kv_ok = False, False  # every chunk: full forward
-        slow = activation_patching(models[role], clean, corrupt, METRIC, nodes, chunk_size=5)
-    finally:
-        bridge._lnscope_suffix_exact, bridge._lnscope_prefix_kv_ok = saved
+    slow = _slow(bridge, lambda: activation_patching(models[role], clean, corrupt, METRIC, nodes, chunk_size=5))
     assert fast.n_unchanged_nodes == slow.n_unchanged_nodes > 0
+    assert len(fast.shortcuts) == 5 and slow.shortcuts == []
     for node in nodes:
         assert torch.allclose(fast.effects[node].tensor(), slow.effects[node].tensor(), atol=1e-10, rtol=0), node
         assert fast.effects[node].tensor().abs().max() > 1e-6, node  # not vacuous
+
+
+def _slow(bridge, run):
+    """run() with every chunk a full forward (the shortcuts' per-model verdicts set to False)."""
+    saved = bridge._lnscope_suffix_exact, bridge._lnscope_prefix_kv_ok
+    try:
+        bridge._lnscope_suffix_exact, bridge._lnscope_prefix_kv_ok = False, False
+        return run()
+    finally:
+        bridge._lnscope_suffix_exact, bridge._lnscope_prefix_kv_ok = saved
+
+
+@pytest.mark.parametrize("ends", [[2, 4], [2, 2]], ids=["per-prompt-ends", "early-end"])
+def test_activation_patching_shortcuts_with_earlier_read_positions(models, pair, ends):
+    """A metric read at per-prompt end positions, or before the last corrupted position (so that some chunks
+    start after everything it reads and are not run), still gives the full forwards' effects."""
+    model = models["original"]
+    clean, corrupt = pair
+    end = torch.tensor(ends)
+
+    def metric(logits):
+        at = logits[torch.arange(logits.shape[0]), end.to(logits.device)]
+        return at[:, 5] - at[:, 9]
+
+    nodes = ["resid_pre", "head_pos", "mlp", "neuron_pos"]
+    fast = activation_patching(model, clean, corrupt, metric, nodes, chunk_size=3)
+    slow = _slow(model.bridge, lambda: activation_patching(model, clean, corrupt, metric, nodes, chunk_size=3))
+    assert {"read_positions", "read_vocab", "last_mlp_read_only"} <= set(fast.shortcuts)
+    for node in nodes:
+        assert torch.allclose(fast.effects[node].tensor(), slow.effects[node].tensor(), atol=1e-10, rtol=0), node
+    if ends == [2, 2]:  # chunks whose nodes all come after position 2 were not run
+        assert fast.n_forward_passes < slow.n_forward_passes
 
 
 @pytest.mark.parametrize("role", ["original", "ln_free"])
@@ -336,17 +365,31 @@ def test_results_round_trip_and_cancel(models, pair):
     assert ActPatchResult  # exported
 
 
-def test_metric_positions_are_found_and_confirmed():
-    from analysis.patching.activation import _metric_positions
+def test_metric_reads_are_found_and_confirmed():
+    from analysis.patching.activation import _metric_reads
 
     logits = torch.randn(3, 6, 11, dtype=torch.float64)
     diff = logit_diff(torch.tensor([[1, 2], [3, 4], [5, 6]]))
-    assert _metric_positions(diff, logits, 3).tolist() == [5]  # logit difference at the last position
+    reads = _metric_reads(diff, logits, 3)  # a logit difference at the last position: 6 of 11 ids there
+    assert reads.pos.tolist() == [5] and reads.vocab is None  # 6 / 11 ids is too many to restrict
+    two = logit_diff(torch.tensor([[1, 2], [1, 2], [2, 1]]))
+    reads = _metric_reads(two, logits, 3)
+    assert reads.pos.tolist() == [5] and reads.vocab.tolist() == [1, 2]
     ends = torch.tensor([2, 4, 4])
     at_ends = lambda lg: lg[torch.arange(3), ends, 0]  # noqa: E731 - per-prompt end positions
-    assert _metric_positions(at_ends, logits, 3).tolist() == [2, 4]
-    assert _metric_positions(lambda lg: lg.mean((1, 2)), logits, 3) is None  # reads every position
-    assert _metric_positions(lambda lg: (lg[:, -1].argmax(-1) == 0).double(), logits, 3) is None  # no gradient
-    # a gradient that vanishes at a position the metric still reads: the noise check refuses the shortcut
+    reads = _metric_reads(at_ends, logits, 3)
+    assert reads.pos.tolist() == [2, 4] and reads.vocab.tolist() == [0]
+    every_pos = lambda lg: lg[..., 0].sum(-1)  # noqa: E731 - one id at every position
+    reads = _metric_reads(every_pos, logits, 3)
+    assert reads.pos.tolist() == list(range(6)) and reads.vocab.tolist() == [0]
+    softmax = lambda lg: lg[:, -1].log_softmax(-1)[:, 0]  # noqa: E731 - the whole vocabulary at one position
+    reads = _metric_reads(softmax, logits, 3)
+    assert reads.pos.tolist() == [5] and reads.vocab is None
+    assert _metric_reads(lambda lg: lg.mean((1, 2)), logits, 3) is None  # reads everything
+    assert _metric_reads(lambda lg: (lg[:, -1].argmax(-1) == 0).double(), logits, 3) is None  # no gradient
+    # a gradient that vanishes where the metric still reads: the noise check refuses the shortcut
     relu_read = lambda lg: lg[:, -1, 0] + torch.relu(lg[:, 0, 0] - 5)  # noqa: E731 - zero gradient at N(0, 1) logits
-    assert _metric_positions(relu_read, logits, 3) is None
+    assert _metric_reads(relu_read, logits, 3) is None
+    relu_id = lambda lg: lg[:, -1, 0] + torch.relu(lg[:, -1, 3] - 5)  # noqa: E731 - id 3 read, zero gradient
+    reads = _metric_reads(relu_id, logits, 3)
+    assert reads.pos.tolist() == [5] and reads.vocab is None  # positions alone still hold

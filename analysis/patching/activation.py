@@ -20,18 +20,20 @@ Four shortcuts leave the result as it is:
   carries nothing backwards, so a chunk whose lowest such p is p0 runs only positions p0.., attending to
   the corrupt run's cached keys and values at positions < p0 in every layer; the logits before p0 are
   the corrupt run's.
-- Read positions only. ln_final and the unembedding run only at the positions the metric reads (found
-  from its gradient, confirmed by perturbing the others); it is handed the corrupt run's logits at the
-  positions it never reads.
-The layer and position shortcuts are checked once per model to reproduce the full forward to float
-rounding (a few ulps of the largest logit); the tests hold every shortcut to TransformerLens's sweeps
-and to full forwards.
+- Read logits only. The last block's MLP, ln_final and the unembedding run only at the positions the
+  metric reads, and the unembedding only for the vocabulary entries it reads when they are few (a logit
+  difference reads two per prompt); both are found from the metric's gradient and confirmed by perturbing
+  every other logit. The metric is handed the corrupt run's logits wherever it never reads.
+The layer and position shortcuts are checked once per model, and the read-only tail once per call, to
+reproduce the full forward to float rounding (a few ulps of the largest logit); the tests hold every
+shortcut to TransformerLens's sweeps and to full forwards.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -70,6 +72,7 @@ class ActPatchTensors:
     n_forward_passes: int
     chunk_size: int
     n_unchanged_nodes: int = 0
+    shortcuts: list[str] = field(default_factory=list)
 
 
 class _KVRecorder:
@@ -114,26 +117,95 @@ def _patch_hook(mask: torch.Tensor, clean_act: torch.Tensor, k: int):
 
 
 def _forward_from(bridge, layer: int, resid: torch.Tensor, prefix: _PrefixKV | _KVRecorder | None = None,
-                  read: torch.Tensor | None = None) -> torch.Tensor:
+                  read: torch.Tensor | None = None, unembed: _SubUnembed | None = None,
+                  last_mlp_read_only: bool = False) -> torch.Tensor:
     """logits [rows, pos', vocab] of blocks[layer:], ln_final and the unembedding on resid [rows, pos', d_model].
 
     With `prefix`, the positions of resid come after the prefix's cached ones in every layer. With `read`
-    (indices into pos'), only those positions go through ln_final and the unembedding: [rows, len(read), vocab]."""
+    (indices into pos'), only those positions go through ln_final and the unembedding: [rows, len(read), vocab],
+    and with `last_mlp_read_only` through the last block's MLP too (nothing reads its other positions). With
+    `unembed`, only its vocabulary entries are computed: [rows, len(read), len(unembed.vocab)]."""
     kwargs = {} if prefix is None else {"past_key_values": prefix}
-    for block in bridge.blocks[layer:]:
-        resid = block(resid, **kwargs)
+    blocks = bridge.blocks[layer:]
+    for i, block in enumerate(blocks):
+        only = read if last_mlp_read_only and read is not None and i == len(blocks) - 1 else None
+        with _mlp_only_at(block.mlp, only):
+            resid = block(resid, **kwargs)
         resid = resid[0] if isinstance(resid, tuple) else resid
     if read is not None:
         resid = resid[:, read]
-    return bridge.unembed(bridge.ln_final(resid))
+    resid = bridge.ln_final(resid)
+    return bridge.unembed(resid) if unembed is None else unembed(resid)
 
 
-def _metric_positions(metric_fn: MetricFn, logits: torch.Tensor, n_prompts: int) -> torch.Tensor | None:
-    """The positions whose logits the metric reads, or None (all of them, or unknown).
+@contextmanager
+def _mlp_only_at(mlp: torch.nn.Module, index: torch.Tensor | None):
+    """Within the block: `mlp` runs only at positions `index` (dim 1) of its input; its output is 0 elsewhere.
 
-    Found where the metric's gradient w.r.t. the corrupt run's logits is non-zero (in any prompt), then
-    confirmed: noise at every other position must leave the metric bit-for-bit unchanged. A metric that
-    cannot be differentiated, or that reads everything, gets None."""
+    Hooks inside the MLP see [rows, len(index), ...] meanwhile. index None: the MLP as it is."""
+    if index is None:
+        yield
+        return
+    full_shape: list[torch.Size] = []
+
+    def before(module: Any, args: tuple) -> tuple:
+        full_shape.append(args[0].shape)
+        return (args[0][:, index], *args[1:])
+
+    def after(module: Any, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        rows, n_pos = full_shape.pop()[:2]
+        padded = out.new_zeros(rows, n_pos, *out.shape[2:])
+        padded[:, index] = out
+        return padded
+
+    handles = [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _SubUnembed:
+    """The unembedding restricted to vocabulary ids `vocab` [m]: x @ W_U[:, vocab] + b_U[vocab]."""
+
+    def __init__(self, bridge, vocab: torch.Tensor) -> None:
+        linear = getattr(bridge.unembed, "original_component", None)
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"the unembedding is a {type(linear).__name__}, not a Linear")
+        self.vocab = vocab
+        self.weight = linear.weight[vocab]  # [m, d_model]
+        self.bias = None if linear.bias is None else linear.bias[vocab]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@dataclass(frozen=True)
+class _Reads:
+    """The logits a metric reads: positions [n] (sorted) and, if it reads few, vocabulary ids [m] (None: all)."""
+
+    pos: torch.Tensor
+    vocab: torch.Tensor | None = None
+
+    def index(self, pos: torch.Tensor | None = None) -> tuple:
+        """Index of these entries in logits [rows, pos, vocab] (positions `pos` if given)."""
+        pos = self.pos if pos is None else pos
+        return (slice(None), pos) if self.vocab is None else (slice(None), pos[:, None], self.vocab)
+
+
+# The vocabulary is restricted only when the metric reads at most this fraction of it.
+_VOCAB_READ_MAX_FRACTION = 0.25
+
+
+def _metric_reads(metric_fn: MetricFn, logits: torch.Tensor, n_prompts: int) -> _Reads | None:
+    """The logits the metric reads, or None (all of them, or unknown).
+
+    Found where the metric's gradient w.r.t. the corrupt run's logits is non-zero (in any prompt): the
+    positions, and the vocabulary ids if they are few (a logit difference reads two per prompt). Then
+    confirmed: noise at every other entry must leave the metric bit-for-bit unchanged; if it does not, the
+    positions alone are tried the same way. A metric that cannot be differentiated, or that reads
+    everything, gets None."""
     probe = logits.detach().clone().requires_grad_(True)
     try:
         with torch.enable_grad():
@@ -143,14 +215,24 @@ def _metric_positions(metric_fn: MetricFn, logits: torch.Tensor, n_prompts: int)
     if grad is None:
         return None
     read = grad.abs().amax(dim=(0, 2)) > 0  # [pos]
-    if read.all() or not read.any():
+    if not read.any():
         return None
-    gen = torch.Generator(device=logits.device).manual_seed(0)
-    noisy = logits.detach().clone()
-    noisy[:, ~read] = 10 * torch.randn(noisy[:, ~read].shape, generator=gen, device=logits.device, dtype=logits.dtype)
+    pos = read.nonzero()[:, 0]
+    vocab_read = grad[:, pos].abs().amax(dim=(0, 1)) > 0  # [vocab]
+    candidates = []
+    if int(vocab_read.sum()) <= _VOCAB_READ_MAX_FRACTION * logits.shape[-1]:
+        candidates.append(_Reads(pos, vocab_read.nonzero()[:, 0]))
+    if not read.all():
+        candidates.append(_Reads(pos))
     with torch.no_grad():
-        same = torch.equal(evaluate_metric(metric_fn, noisy, n_prompts), evaluate_metric(metric_fn, logits, n_prompts))
-    return read.nonzero()[:, 0] if same else None
+        reference = evaluate_metric(metric_fn, logits, n_prompts)
+        for reads in candidates:
+            gen = torch.Generator(device=logits.device).manual_seed(0)
+            noisy = 10 * torch.randn(logits.shape, generator=gen, device=logits.device, dtype=logits.dtype)
+            noisy[reads.index()] = logits[reads.index()]
+            if torch.equal(evaluate_metric(metric_fn, noisy, n_prompts), reference):
+                return reads
+    return None
 
 
 def _matches(logits: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -204,6 +286,39 @@ def _shortcuts(bridge, corrupt_resid: dict[str, torch.Tensor], corrupt_logits: t
                 logger.info("a run from a later position differs from the full forward: every position is run")
             bridge._lnscope_prefix_kv_ok = positions_ok
     return layers_ok, rec if positions_ok else None
+
+
+def _read_only_tail(bridge, reads: _Reads | None, resid_last: torch.Tensor, corrupt_logits: torch.Tensor,
+                    names: list[str]) -> tuple[_Reads | None, _SubUnembed | None, frozenset[str] | None]:
+    """(reads, the unembedding restricted to the read vocabulary, the node hooks inside the last block's MLP).
+
+    The last block's MLP and the unembedding may run only on what the metric reads if, on the corrupt run's
+    resid_pre of the last layer, that reproduces the corrupt logits there to float rounding. If not, both run
+    in full (None, None), and reads drop their vocabulary restriction."""
+    if reads is None:
+        return None, None, None
+    last_mlp = bridge.blocks[len(bridge.blocks) - 1].mlp
+    inside = {id(m) for m in last_mlp.modules()}
+    mlp_hooks = frozenset(n for n in names if id(bridge.hook_dict.get(n)) in inside)
+    try:
+        unembed = _SubUnembed(bridge, reads.vocab) if reads.vocab is not None else None
+        with torch.no_grad():
+            logits = _forward_from(bridge, len(bridge.blocks) - 1, resid_last, None, reads.pos, unembed,
+                                   last_mlp_read_only=True)
+        ok = _matches(logits, corrupt_logits[reads.index()])
+    except Exception as exc:  # an MLP or unembedding that cannot be run in part
+        logger.info("the last MLP and the unembedding cannot run on the read logits only (%s)", exc)
+        ok = False
+    if ok:
+        return reads, unembed, mlp_hooks
+    logger.info("the last MLP and the unembedding run in full")
+    positions_only = _Reads(reads.pos) if reads.pos.numel() < corrupt_logits.shape[1] else None
+    return positions_only, None, None
+
+
+def _on(index: torch.Tensor | slice, tensor: torch.Tensor) -> torch.Tensor | slice:
+    """`index` on tensor's device (a slice as it is)."""
+    return index.to(tensor.device) if isinstance(index, torch.Tensor) else index
 
 
 def _changed_grid(spec: NodeSpec, clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +398,8 @@ def act_patch_tensors(
     corrupt_logits, corrupt_cache = run_and_cache(bridge, corrupt, list(dict.fromkeys(resid_names + names)))
     corrupt_metric = evaluate_metric(metric_fn, corrupt_logits, n_prompts).to(torch.float64)
     skip_layers, kv = _shortcuts(bridge, corrupt_cache, corrupt_logits, n_layers)
-    read_pos = _metric_positions(metric_fn, corrupt_logits, n_prompts) if skip_layers else None
+    reads = _metric_reads(metric_fn, corrupt_logits, n_prompts) if skip_layers else None
+    reads, unembed, mlp_hooks = _read_only_tail(bridge, reads, corrupt_cache[resid_names[-1]], corrupt_logits, names)
 
     act_shape = {s.name: tuple(clean_cache[s.hook_name(0)].shape[1:]) for s in specs}
     grids = {s.name: s.grid(act_shape[s.name]) for s in specs}
@@ -314,6 +430,9 @@ def act_patch_tensors(
         layer_pos[:, 0] = 0
     order = active[_plan_order(layer_pos, chunk_size, n_layers, n_pos)]
     results = corrupt_metric.to("cpu")[None].repeat(n_nodes, 1)  # unchanged nodes: the corrupt run
+    # runs from a later position fill in only the positions they unembed, in a copy of the corrupt logits
+    # (not one [k*batch, pos, vocab] copy per chunk: 400 MB at GPT-2's vocabulary and chunk 8)
+    logits_buf = corrupt_logits.clone() if skip_layers and (kv is not None or reads is not None) else None
     device = clean.device
     n_passes = 0
     with torch.no_grad():
@@ -337,29 +456,46 @@ def act_patch_tensors(
                 if name not in masks:
                     masks[name] = torch.zeros(k, *shape, dtype=torch.bool)
                 masks[name][rows] |= node_mask.expand(rows.numel(), *shape)
-            # every layout starts with pos: a run from p0 sees positions p0.. of masks and activations
-            hooks = [(name, _patch_hook((m[:, p0:] if m.shape[1] > 1 else m).to(device), clean_cache[name][:, p0:], k))
-                     for name, m in masks.items()]
-            if skip_layers and (p0 > 0 or read_pos is not None):
-                # run positions p0.. only (earlier keys/values from the corrupt run) and unembed only the positions
+            fast = skip_layers and (p0 > 0 or reads is not None)
+            read = None
+            if fast:
+                read = reads.pos[reads.pos >= p0] if reads is not None else torch.arange(p0, n_pos, device=device)
+            if fast and read.numel() == 0:  # every patch in the chunk starts after the last position read
+                values = corrupt_metric[None].repeat(k, 1)
+            elif fast:
+                # run positions p0.. only (earlier keys/values from the corrupt run) and unembed only the entries
                 # the metric reads; the rest keep the corrupt run's logits (unchanged before p0, unread after)
-                read = read_pos[read_pos >= p0] if read_pos is not None else torch.arange(p0, n_pos, device=device)
+                # every layout starts with pos: a run from p0 sees positions p0.. of masks and activations, and
+                # the last block's MLP (when restricted to the read positions) sees those
+                at = {name: read if mlp_hooks is not None and name in mlp_hooks else slice(p0, None) for name in masks}
+                hooks = [(name, _patch_hook((m[:, _on(at[name], m)] if m.shape[1] > 1 else m).to(device),
+                                            clean_cache[name][:, at[name]], k)) for name, m in masks.items()]
                 with bridge.hooks(fwd_hooks=hooks):
                     patched = _forward_from(bridge, first, corrupt_cache[resid_names[first]][:, p0:].repeat(k, 1, 1),
-                                            _PrefixKV(kv, p0, k) if p0 > 0 else None, read - p0)
-                logits = corrupt_logits.repeat(k, 1, 1)
-                logits[:, read] = patched
-                del patched
-            elif skip_layers:
-                with bridge.hooks(fwd_hooks=hooks):
-                    logits = _forward_from(bridge, first, corrupt_cache[resid_names[first]].repeat(k, 1, 1))
+                                            _PrefixKV(kv, p0, k) if p0 > 0 else None, read - p0, unembed,
+                                            last_mlp_read_only=mlp_hooks is not None)
+                n_passes += 1
+                patched = patched.reshape(k, n_prompts, *patched.shape[1:])  # [copy, batch, read, vocab]
+                per_copy = []
+                index = reads.index(read) if reads is not None else (slice(None), read)
+                for j in range(k):  # one corrupt-logits buffer, its read entries overwritten per copy
+                    logits_buf[index] = patched[j]
+                    per_copy.append(evaluate_metric(metric_fn, logits_buf, n_prompts).clone())  # not a buffer view
+                logits_buf[index] = corrupt_logits[index]
+                values = torch.stack(per_copy)
+                del patched, per_copy
             else:
-                logits = bridge.run_with_hooks(corrupt.repeat(k, 1), fwd_hooks=hooks)
-            n_passes += 1
-            logits = logits.reshape(k, n_prompts, *logits.shape[1:])  # [copy, batch, pos, vocab]
-            values = torch.stack([evaluate_metric(metric_fn, logits[j], n_prompts) for j in range(k)])
+                hooks = [(name, _patch_hook(m.to(device), clean_cache[name], k)) for name, m in masks.items()]
+                if skip_layers:
+                    with bridge.hooks(fwd_hooks=hooks):
+                        logits = _forward_from(bridge, first, corrupt_cache[resid_names[first]].repeat(k, 1, 1))
+                else:
+                    logits = bridge.run_with_hooks(corrupt.repeat(k, 1), fwd_hooks=hooks)
+                n_passes += 1
+                logits = logits.reshape(k, n_prompts, *logits.shape[1:])  # [copy, batch, pos, vocab]
+                values = torch.stack([evaluate_metric(metric_fn, logits[j], n_prompts) for j in range(k)])
+                del logits
             results[rows_out] = values.to("cpu", torch.float64)
-            del logits, values
 
     effects = results - corrupt_metric.to("cpu")[None]
     per_prompt: dict[str, torch.Tensor] = {}
@@ -371,8 +507,10 @@ def act_patch_tensors(
         per_prompt[s.name] = block.movedim(-1, 0).contiguous()  # [batch, layer, *grid]
         offset += count
     progress.stage("activation patching", 1.0)
+    taken = {"later_layers": skip_layers, "later_positions": kv is not None, "read_positions": reads is not None,
+             "read_vocab": unembed is not None, "last_mlp_read_only": mlp_hooks is not None}
     return ActPatchTensors(node_types, per_prompt, clean_metric.cpu(), corrupt_metric.cpu(), n_passes, chunk_size,
-                           n_unchanged_nodes=n_nodes - int(active.numel()))
+                           n_unchanged_nodes=n_nodes - int(active.numel()), shortcuts=[k for k, v in taken.items() if v])
 
 
 def act_patch_result(model: Any, t: ActPatchTensors, *, normalize: bool, manifest=None) -> ActPatchResult:
@@ -383,7 +521,7 @@ def act_patch_result(model: Any, t: ActPatchTensors, *, normalize: bool, manifes
     return ActPatchResult(
         role=role_of(model), node_types=t.node_types, n_prompts=int(t.clean_metric.shape[0]), n_pos=int(n_pos),
         chunk_size=t.chunk_size, n_forward_passes=t.n_forward_passes,
-        n_unchanged_nodes=t.n_unchanged_nodes, metric=summary, effects=effects,
+        n_unchanged_nodes=t.n_unchanged_nodes, shortcuts=t.shortcuts, metric=summary, effects=effects,
         manifest=manifest,
     )
 

@@ -86,6 +86,10 @@ class ActPatchResult(BaseModel):
     n_unchanged_nodes: int = Field(
         0, description="nodes whose clean and corrupt activations are identical in every prompt: effect exactly 0, "
                        "not run")
+    shortcuts: list[str] = Field(
+        default_factory=list,
+        description="exact shortcuts taken (each checked against the full forward): later_layers, later_positions, "
+                    "read_positions, read_vocab (unembedding only the token ids the metric reads), last_mlp_read_only")
     metric: MetricSummary
     effects: dict[str, NodeMap]
     manifest: Optional[Manifest] = None
