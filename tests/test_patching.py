@@ -168,6 +168,25 @@ def test_activation_patching_shortcuts_with_earlier_read_positions(models, pair,
         assert fast.n_forward_passes < slow.n_forward_passes
 
 
+def test_hooks_already_on_the_last_mlp_see_full_length_tensors(models, pair):
+    """Some bridges keep their own hooks on an MLP (a block-level hook_mlp_out): while the last MLP runs only at
+    the read positions, those hooks still see every position it was given, in and out."""
+    model = models["original"]
+    mlp = model.bridge.blocks[len(model.bridge.blocks) - 1].mlp
+    seen: list[tuple[int, int]] = []
+    inputs: list[int] = []
+    handles = [mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0].shape[1])),
+               mlp.register_forward_hook(lambda module, args, out: seen.append((inputs.pop(), out.shape[1])))]
+    try:
+        result = activation_patching(model, *pair, METRIC, ["resid_pre", "mlp"], chunk_size=3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert "last_mlp_read_only" in result.shortcuts
+    assert seen and all(n_in == n_out for n_in, n_out in seen)
+    assert any(n_in > 1 for n_in, _ in seen)  # runs with more positions than the one read
+
+
 @pytest.mark.parametrize("role", ["original", "ln_free"])
 def test_atp_equals_transformer_lens_attribution_patch(models, pair, role):
     model = models[role]

@@ -24,6 +24,7 @@ Four shortcuts leave the result as it is:
   metric reads, and the unembedding only for the vocabulary entries it reads when they are few (a logit
   difference reads two per prompt); both are found from the metric's gradient and confirmed by perturbing
   every other logit. The metric is handed the corrupt run's logits wherever it never reads.
+The metric must not modify the logits it is given (one buffer of them is reused across copies and chunks).
 The layer and position shortcuts are checked once per model, and the read-only tail once per call, to
 reproduce the full forward to float rounding (a few ulps of the largest logit); the tests hold every
 shortcut to TransformerLens's sweeps and to full forwards.
@@ -158,7 +159,9 @@ def _mlp_only_at(mlp: torch.nn.Module, index: torch.Tensor | None):
         padded[:, index] = out
         return padded
 
-    handles = [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
+    # `before` runs after any pre-hooks already there, and `after` before any forward hooks (prepend): hooks the
+    # bridge itself keeps on the MLP (a block-level hook_mlp_out, in some architectures) see full-length tensors
+    handles = [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after, prepend=True)]
     try:
         yield
     finally:
@@ -226,9 +229,10 @@ def _metric_reads(metric_fn: MetricFn, logits: torch.Tensor, n_prompts: int) -> 
         candidates.append(_Reads(pos))
     with torch.no_grad():
         reference = evaluate_metric(metric_fn, logits, n_prompts)
+        scale = 10 * max(1.0, float(logits.abs().max()))  # noise well beyond the logits' own range, both signs
         for reads in candidates:
             gen = torch.Generator(device=logits.device).manual_seed(0)
-            noisy = 10 * torch.randn(logits.shape, generator=gen, device=logits.device, dtype=logits.dtype)
+            noisy = scale * torch.randn(logits.shape, generator=gen, device=logits.device, dtype=logits.dtype)
             noisy[reads.index()] = logits[reads.index()]
             if torch.equal(evaluate_metric(metric_fn, noisy, n_prompts), reference):
                 return reads
