@@ -514,7 +514,7 @@ def act_patch_tensors(
     taken = {"later_layers": skip_layers, "later_positions": kv is not None, "read_positions": reads is not None,
              "read_vocab": unembed is not None, "last_mlp_read_only": mlp_hooks is not None}
     return ActPatchTensors(node_types, per_prompt, clean_metric.cpu(), corrupt_metric.cpu(), n_passes, chunk_size,
-                           n_unchanged_nodes=n_nodes - int(active.numel()), shortcuts=[k for k, v in taken.items() if v])
+                           n_unchanged_nodes=n_nodes - int(active.numel()), shortcuts=[name for name, on in taken.items() if on])
 
 
 def act_patch_result(model: Any, t: ActPatchTensors, *, normalize: bool, manifest=None) -> ActPatchResult:

@@ -37,7 +37,8 @@ class PretrainConfig:
     vocab_size: int | None = None
     # "normal": GPT-2's N(0, 0.02) position embeddings; "sinusoidal": the learned position embeddings
     # start from the Transformer's sin/cos table (x position_init_scale), so heads can read relative
-    # position from the first step (previous-token heads, and the induction heads built on them, form sooner)
+    # position from the first step. In the 2026-11-23 trials it did not make induction heads form; a short
+    # context did (2-layer d128 on repeated tokens: none by step 1500 at context 64, at once at context 16)
     position_init: str = "normal"
     position_init_scale: float = 0.1
     # optimiser
