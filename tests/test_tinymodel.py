@@ -65,6 +65,11 @@ def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path):
     card = (out / "MODEL_CARD.md").read_text()
     assert "| LN-free |" in card and "held-out CE" in card and "Quality bars" in card
     assert json.loads((out / "build_metrics.json").read_text())["checks"] == metrics["checks"]
+    phases = metrics["pretrain"]["curriculum"]  # the micro build runs the context curriculum too
+    assert [(p["context"], p["repeat_fraction"], p["steps"], p["repeat_span"]) for p in phases] == [
+        (16, 1.0, 3, [3, 6]), (16, 0.5, 4, [3, 6])]
+    assert "| pre-training, phase 1 | 3 | 32 x 16 | context curriculum: repeated rows only" in card
+    assert "| pre-training, full rows | 13 | 8 x 64 |" in card
     assert set(metrics["eval"]) == {"original", "control", "ln_free"}
     # the shipped LN-free twin meets the foundation bars
     result = check_model(ModelSource(path=out / "ln_free"), "ln_free", device="cpu", dtype="float64")
@@ -97,3 +102,62 @@ def test_sinusoidal_position_init():
     assert abs(default.std().item() - 0.02) < 0.005  # GPT-2's N(0, 0.02)
     with pytest.raises(ValueError, match="position_init"):
         make_model(dataclasses.replace(cfg, position_init="rotary"), vocab_size=50)
+
+
+def test_context_curriculum_runs_its_phases_in_order(docs, tokenizer, tmp_path, monkeypatch):
+    import analysis.tinymodel.pretrain as pretrain_module
+
+    stream = [t for d in docs[:100] for t in tokenizer.encode(d, add_special_tokens=False) + [0]]
+    long_rows, rows_8, rows_16 = pack_stream(stream, 32, 0), pack_stream(stream, 8, 0), pack_stream(stream, 16, 0)
+    cfg = PretrainConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32, steps=8, batch_size=4, warmup_steps=1,
+                         eval_every=0, log_every=1, curriculum=((8, 2), (16, 3)))
+    batches, real_loss = [], pretrain_module._loss
+    monkeypatch.setattr(pretrain_module, "_loss", lambda model, batch: batches.append(batch.clone())
+                        or real_loss(model, batch))
+    result = pretrain(long_rows, cfg, tmp_path / "m", curriculum_tokens=[rows_8, rows_16], progress=False)
+    # 4 x 32 tokens per step in every phase: 16 rows of 8, then 8 rows of 16, then 4 full rows
+    assert [tuple(b.shape) for b in batches] == [(16, 8)] * 2 + [(8, 16)] * 3 + [(4, 32)] * 3
+    assert result.tokens_seen == 8 * 4 * 32
+    for batch, rows in [(batches[0], rows_8), (batches[2], rows_16), (batches[5], long_rows)]:
+        assert all(any(torch.equal(row, r) for r in rows) for row in batch)  # each phase draws from its own rows
+    assert len({tuple(r.tolist()) for b in batches[:2] for r in b}) == 32  # one epoch: no row twice
+    phases = json.loads(result.log_path.read_text())["data"]["curriculum"]
+    assert phases == [{"context": 8, "steps": 2, "sequences": rows_8.shape[0], "batch_size": 16},
+                      {"context": 16, "steps": 3, "sequences": rows_16.shape[0], "batch_size": 8}]
+    with pytest.raises(ValueError, match="curriculum_tokens has 1 tensors"):
+        pretrain(long_rows, cfg, tmp_path / "x", curriculum_tokens=[rows_8], progress=False)
+    with pytest.raises(ValueError, match=r"curriculum_tokens\[1\] must be \[n_seq, ctx <= 16\]"):
+        pretrain(long_rows, cfg, tmp_path / "x", curriculum_tokens=[rows_8, long_rows], progress=False)
+    with pytest.raises(ValueError, match=r"curriculum_tokens\[0\] rows have 4 tokens"):
+        pretrain(long_rows, cfg, tmp_path / "x", curriculum_tokens=[pack_stream(stream, 4, 0), rows_16],
+                 progress=False)
+    with pytest.raises(ValueError, match="exceed steps"):
+        pretrain(long_rows, dataclasses.replace(cfg, steps=4), tmp_path / "x", curriculum_tokens=[rows_8, rows_16],
+                 progress=False)
+    with pytest.raises(ValueError, match="context must be in"):
+        pretrain(long_rows, dataclasses.replace(cfg, curriculum=((64, 2), (16, 3))), tmp_path / "x",
+                 curriculum_tokens=[rows_8, rows_16], progress=False)
+
+
+def test_curriculum_option_parses():
+    import argparse
+
+    from analysis.tinymodel.cli import parse_curriculum
+
+    assert parse_curriculum("32:1.0:300,32:0.5:700") == ((32, 1.0, 300), (32, 0.5, 700))
+    assert parse_curriculum("none") == () == parse_curriculum("")
+    for bad in ("32:1.0", "32:1.5:10", "x:0.5:10"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_curriculum(bad)
+
+
+def test_repeat_pool(tokenizer):
+    from analysis.tasks.induction import word_token_pool
+    from analysis.tinymodel.build import repeat_pool
+
+    vocab = repeat_pool(tokenizer, "vocab")
+    assert tokenizer.eos_token_id not in vocab and len(vocab) == len(tokenizer) - len(set(tokenizer.all_special_ids))
+    assert repeat_pool(tokenizer, "words") == word_token_pool(tokenizer)
+    assert set(word_token_pool(tokenizer)) < set(vocab)
+    with pytest.raises(ValueError, match="repeat_pool"):
+        repeat_pool(tokenizer, "names")

@@ -57,10 +57,21 @@ class BuildConfig:
     n_heldout_docs: int = 1_000  # held-out-split documents (held-out CE)
     tokenizer_docs: int = 20_000  # the first this many training documents train the tokenizer
     vocab_size: int = 4096  # upper bound; BPE stops when no pair occurs twice
-    # fraction of training rows that are repeated random word-token sequences (corpus.repeated_token_rows),
-    # the rest story text. 0 in the shipped trio; 0.25 (with 5000 x 16 steps, lr 3e-3, sinusoidal
-    # position init) had formed no induction heads by step 4000 either (2026-11-23 trial)
+    # fraction of training rows that are repeated random token sequences (corpus.repeated_token_rows, drawn
+    # from repeat_pool), the rest story text. Without a short-context start they taught nothing: 0.25 with 5000 x 16 steps,
+    # lr 3e-3 and sinusoidal position init had formed no induction heads by step 4000 (2026-11-23 trial)
     repeat_rows: float = 0.0
+    # the tokens the repeated rows draw from: "vocab" (every non-special token) or "words" (the induction
+    # task's pool of word tokens). 2026-11-24 trials, 4-layer d128, pure repeated rows of 32 tokens: with
+    # "words" (1356 of 2578 tokens), or 100 of them, the loss stayed at ln(pool) to step 200, untied
+    # embeddings too; with "vocab" the repeated half's loss fell from step ~100 (5.5 vs 8.2 at step 200)
+    repeat_pool: str = "vocab"
+    # the context curriculum before the full-length rows, one (context, fraction of repeated rows, steps)
+    # per phase (PretrainConfig.curriculum). A phase's rows are the same story stream packed into rows of
+    # `context` tokens and repeated rows (spans of 3 to 2/5 of the row) in that proportion; 1.0: repeats only
+    # The defaults are the shipped trio's (no curriculum, no repeated rows), so `make tiny-models` rebuilds
+    # it; the recipe under trial is `--repeat-rows 0.25 --curriculum 32:1.0:300,32:0.5:700`.
+    curriculum: tuple[tuple[int, float, int], ...] = ()
     # stages
     # the shipped trio's settings: 2000 x 32 x 128 = 8.2M tokens, ~45 min on 2 CPU cores
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=2000, batch_size=32, snapshot_every=500))
@@ -85,7 +96,8 @@ def micro_config(seed: int = 0) -> BuildConfig:
         pretrain=PretrainConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, steps=20, batch_size=8,
                                 warmup_steps=2, eval_every=0, eval_sequences=8, log_every=5, seed=seed,
                                 position_init="sinusoidal"),
-        repeat_rows=0.1, remove_ln_steps=None, remove_ln_batch_size=4, eval_prompts=8, induction_half_len=10,
+        repeat_rows=0.1, curriculum=((16, 1.0, 3), (16, 0.5, 4)), remove_ln_steps=None, remove_ln_batch_size=4,
+        eval_prompts=8, induction_half_len=10,
     )
 
 
@@ -98,6 +110,23 @@ def tokenize_docs(tokenizer: Any, docs: list[str]) -> list[int]:
         stream.extend(enc.ids)
         stream.append(eos)
     return stream
+
+
+def curriculum_span(context: int) -> tuple[int, int]:
+    """Lengths of a curriculum phase's repeated sequences: 3 to 2/5 of the row, so most are seen twice."""
+    return 3, max(4, (context - 1) * 2 // 5)
+
+
+def repeat_pool(tokenizer: Any, kind: str) -> list[int]:
+    """The token ids repeated rows draw from: every non-special token ("vocab") or word tokens ("words")."""
+    from analysis.tasks.induction import word_token_pool
+
+    if kind == "words":
+        return word_token_pool(tokenizer)
+    if kind == "vocab":
+        special = set(tokenizer.all_special_ids)
+        return [i for i in range(len(tokenizer)) if i not in special]
+    raise ValueError(f"repeat_pool must be 'vocab' or 'words'; got {kind!r}")
 
 
 def copy_model_dir(src: Path, dst: Path) -> Path:
@@ -222,8 +251,7 @@ def _build_tiny(
     strict: bool = False,
 ) -> dict[str, Any]:
     from analysis.remove_ln import RemoveLNConfig, remove_layernorm
-    from analysis.tasks.induction import word_token_pool
-    from analysis.tinymodel.corpus import generate_documents, repeated_token_rows
+    from analysis.tinymodel.corpus import REPEAT_ROW_SPAN, generate_documents, repeated_token_rows
     from analysis.tinymodel.model_card import write_model_card
     from analysis.tinymodel.tokenizer import train_tokenizer
 
@@ -242,6 +270,7 @@ def _build_tiny(
     stages = _Stages(callback)
     t_start = time.perf_counter()
     ctx = cfg.pretrain.n_positions
+    cfg.pretrain.curriculum = tuple((context, steps) for context, _, steps in cfg.curriculum)
 
     # 1. corpus
     def corpus() -> tuple[list[str], list[str]]:
@@ -254,14 +283,28 @@ def _build_tiny(
                                                                model_max_length=ctx))
 
     # 3. tokenize and pack: each row is <|endoftext|> + ctx-1 tokens of the document stream
-    def tokenize() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def tokenize() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         eos = tokenizer.eos_token_id
-        stories = pack_stream(tokenize_docs(tokenizer, train_docs), ctx, eos)
-        n_repeats = round(cfg.repeat_rows * stories.shape[0] / (1 - cfg.repeat_rows)) if cfg.repeat_rows else 0
-        repeats = repeated_token_rows(word_token_pool(tokenizer), n_repeats, ctx, seed, eos)
-        return stories, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos)
+        stream = tokenize_docs(tokenizer, train_docs)
+        pool = repeat_pool(tokenizer, cfg.repeat_pool)
 
-    story_tokens, repeat_tokens, heldout_tokens = stages.run("tokenize", tokenize)
+        def rows(
+            context: int, span: tuple[int, int], fraction: float, stream_seed: int
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            stories = pack_stream(stream, context, eos)
+            if fraction >= 1:  # repeats only, as many rows as the stories make
+                stories, n_repeats = stories[:0], stories.shape[0]
+            else:
+                n_repeats = round(fraction * stories.shape[0] / (1 - fraction)) if fraction else 0
+            return stories, repeated_token_rows(pool, n_repeats, context, stream_seed, eos, span=span)
+
+        stories, repeats = rows(ctx, REPEAT_ROW_SPAN, cfg.repeat_rows, seed)
+        # each curriculum phase draws its own repeated sequences (a separate seeded stream)
+        phases = [torch.cat(rows(context, curriculum_span(context), fraction, seed + 1000 * (i + 1)))
+                  for i, (context, fraction, _) in enumerate(cfg.curriculum)]
+        return stories, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos), phases
+
+    story_tokens, repeat_tokens, heldout_tokens, phase_tokens = stages.run("tokenize", tokenize)
     train_tokens = torch.cat([story_tokens, repeat_tokens])  # pretraining and fine-tuning shuffle the rows
     logger.info("build-tiny: %d train sequences (%d of story text, %d of repeated tokens; %.2fM tokens), "
                 "%d held-out sequences, vocabulary %d", train_tokens.shape[0], story_tokens.shape[0],
@@ -270,7 +313,8 @@ def _build_tiny(
     # 4. pretraining (in the work directory; only the model files are shipped)
     pre_dir = work / "pretrain"
     pre = stages.run("pretrain", lambda: pretrain(train_tokens, cfg.pretrain, pre_dir, tokenizer=tokenizer,
-                                                  eval_tokens=heldout_tokens, progress=progress))
+                                                  eval_tokens=heldout_tokens, curriculum_tokens=phase_tokens,
+                                                  progress=progress))
     copy_model_dir(pre_dir, out / "original")
 
     # 5. LN removal and the LN-kept control, fine-tuned from the pretrained original
@@ -315,7 +359,12 @@ def _build_tiny(
                      "batch_size": cfg.pretrain.batch_size, "tokens_seen": pre.tokens_seen,
                      "tokens_per_second": round(pre.tokens_per_second, 1), "final_train_loss": pre.final_loss,
                      "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr,
-                     "position_init": cfg.pretrain.position_init},
+                     "position_init": cfg.pretrain.position_init,
+                     "repeat_pool": cfg.repeat_pool,
+                     "curriculum": [{"context": context, "repeat_fraction": fraction, "steps": steps,
+                                     "sequences": int(rows.shape[0]), "repeat_span": list(curriculum_span(context)),
+                                     "batch_size": cfg.pretrain.batch_size * ctx // context}
+                                    for (context, fraction, steps), rows in zip(cfg.curriculum, phase_tokens)]},
         "remove_ln": {"steps": rl.schedule.total_steps, "schedule": rl.schedule.to_dict(),
                       "batch_size": cfg.remove_ln_batch_size, "tokens_per_step": rl.tokens_per_step,
                       "final_loss": rl.final_loss, "final_aux_loss": rl.final_aux_loss,

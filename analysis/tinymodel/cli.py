@@ -16,6 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", type=int, help="training documents")
     p.add_argument("--steps", type=int, help="pretraining steps")
     p.add_argument("--batch-size", type=int, help="pretraining batch size (sequences)")
+    p.add_argument("--curriculum", type=parse_curriculum, metavar="CTX:FRACTION:STEPS,...",
+                   help="context curriculum before the full-length rows, e.g. 32:1.0:300,32:0.5:700 (rows of CTX "
+                        "tokens, FRACTION of them repeated random tokens, for STEPS steps); 'none': off")
+    p.add_argument("--repeat-rows", type=float, help="fraction of training rows that are repeated random tokens")
+    p.add_argument("--repeat-pool", choices=("vocab", "words"),
+                   help="tokens the repeated rows draw from: the whole vocabulary, or the induction task's word tokens")
     p.add_argument("--pretrain-minutes", type=float, help="safety stop for pretraining")
     p.add_argument("--remove-ln-steps", type=int, help="FakeLN fine-tuning steps (the control gets the same)")
     p.add_argument("--threads", type=int, help="torch threads")
@@ -23,6 +29,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--card-only", action="store_true",
                    help="only rewrite OUT/MODEL_CARD.md from OUT/build_metrics.json and OUT/transcoders/*/metrics.json")
     p.set_defaults(func=run)
+
+
+def parse_curriculum(text: str) -> tuple[tuple[int, float, int], ...]:
+    """"32:1.0:300,32:0.5:700" -> ((32, 1.0, 300), (32, 0.5, 700)); "none" or "" -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    phases = []
+    for part in text.split(","):
+        try:
+            context, fraction, steps = part.split(":")
+            phase = (int(context), float(fraction), int(steps))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"curriculum phase {part!r} is not CTX:FRACTION:STEPS") from None
+        if phase[0] < 2 or not 0 <= phase[1] <= 1 or phase[2] < 0:
+            raise argparse.ArgumentTypeError(f"curriculum phase {part!r}: CTX >= 2, 0 <= FRACTION <= 1, STEPS >= 0")
+        phases.append(phase)
+    return tuple(phases)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(
         cfg, pretrain=pre,
         n_docs=args.docs if args.docs is not None else cfg.n_docs,
+        repeat_rows=args.repeat_rows if args.repeat_rows is not None else cfg.repeat_rows,
+        curriculum=args.curriculum if args.curriculum is not None else cfg.curriculum,
+        repeat_pool=args.repeat_pool or cfg.repeat_pool,
         remove_ln_steps=args.remove_ln_steps if args.remove_ln_steps is not None else cfg.remove_ln_steps,
         num_threads=args.threads if args.threads is not None else cfg.num_threads,
     )

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -51,6 +51,13 @@ class PretrainConfig:
     grad_clip: float = 1.0
     batch_size: int = 32
     steps: int = 2000
+    # context curriculum: phases (context, steps) that run before the full-length rows, on rows of
+    # `context` tokens (pretrain's `curriculum_tokens`, one tensor per phase), batch_size x n_positions
+    # / context of them per step, so every step sees the same number of tokens. Attention learns
+    # content-based patterns far faster on short rows: the gradient towards the one right key is
+    # diluted by the number of keys (2026-11-23 trials: induction heads formed at once at context 16-32,
+    # not by step 1500 at 64). The lr schedule runs over all `steps`, phases included.
+    curriculum: tuple[tuple[int, int], ...] = ()
     # run
     seed: int = 0
     eval_every: int = 250  # steps; 0: only at the end
@@ -94,6 +101,55 @@ def pack_stream(stream: torch.Tensor | list[int], context: int, bos_id: int | No
     if bos_id is not None:
         data = torch.cat([torch.full((n_seq, 1), bos_id, dtype=torch.long), data], dim=1)
     return data.contiguous()
+
+
+@dataclass
+class _Phase:
+    """One curriculum phase: steps [first_step, end_step) on `rows`, each epoch in a fresh seeded order."""
+
+    rows: torch.Tensor  # [n_seq, context]
+    batch_size: int
+    first_step: int
+    end_step: int
+    generator: torch.Generator
+    order: torch.Tensor | None = None
+    cursor: int = 0
+
+    def next_batch(self) -> torch.Tensor:
+        if self.order is None or self.cursor + self.batch_size > self.rows.shape[0]:
+            self.order, self.cursor = torch.randperm(self.rows.shape[0], generator=self.generator), 0
+        batch = self.rows[self.order[self.cursor : self.cursor + self.batch_size]]
+        self.cursor += self.batch_size
+        return batch
+
+    def tokens_seen(self, steps_taken: int) -> int:
+        return max(0, min(steps_taken, self.end_step) - self.first_step) * self.batch_size * self.rows.shape[1]
+
+
+def _curriculum_phases(
+    cfg: PretrainConfig, curriculum_tokens: Sequence[torch.Tensor], as_rows: Callable[..., torch.Tensor], ctx: int
+) -> list[_Phase]:
+    """The curriculum's phases, in order, from cfg.curriculum and one row tensor per phase."""
+    if len(curriculum_tokens) != len(cfg.curriculum):
+        raise ValueError(f"curriculum_tokens has {len(curriculum_tokens)} tensors; the curriculum has "
+                         f"{len(cfg.curriculum)} phases")
+    phases, first = [], 0
+    for i, ((context, steps), tokens) in enumerate(zip(cfg.curriculum, curriculum_tokens)):
+        name = f"curriculum_tokens[{i}]"
+        if not 2 <= context <= ctx or steps < 0:
+            raise ValueError(f"curriculum phase {i}: context must be in [2, {ctx}] and steps >= 0; "
+                             f"got ({context}, {steps})")
+        rows = as_rows(tokens, context, name)
+        if rows.shape[1] != context:
+            raise ValueError(f"{name} rows have {rows.shape[1]} tokens; the phase's context is {context}")
+        batch = max(1, cfg.batch_size * ctx // context)  # the same tokens per step
+        if rows.shape[0] < batch:
+            raise ValueError(f"{name} has {rows.shape[0]} rows, fewer than one step's {batch}")
+        phases.append(_Phase(rows, batch, first, first + steps, torch.Generator().manual_seed(cfg.seed + 1 + i)))
+        first += steps
+    if first > cfg.steps:
+        raise ValueError(f"the curriculum's {first} steps exceed steps ({cfg.steps})")
+    return phases
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -187,6 +243,7 @@ def pretrain(
     *,
     tokenizer: Any = None,
     eval_tokens: torch.Tensor | None = None,
+    curriculum_tokens: Sequence[torch.Tensor] = (),
     progress: bool | Callable[[str, float], None] = True,
 ) -> PretrainResult:
     """Train a GPT2LMHeadModel from scratch on `tokens`; save it to `out_dir`.
@@ -194,6 +251,8 @@ def pretrain(
     `tokens`: LongTensor[n_seq, ctx] (ctx <= n_positions), or a 1-D token stream that is packed
     into rows of n_positions tokens, each starting with the tokenizer's eos (id 0 without one).
     `eval_tokens`: held-out sequences (same forms) for the periodic held-out CE.
+    `curriculum_tokens`: one LongTensor[n_seq, context] (or a 1-D stream, packed to that) per phase of
+    cfg.curriculum, the rows of that phase's steps.
     `progress`: a tqdm bar (True), nothing (False), or a callback(stage, fraction).
     """
     cfg = config or PretrainConfig()
@@ -203,16 +262,17 @@ def pretrain(
         torch.set_num_threads(cfg.num_threads)
     eos_id = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else 0
 
-    def as_rows(t: torch.Tensor) -> torch.Tensor:
+    def as_rows(t: torch.Tensor, context: int = cfg.n_positions, name: str = "tokens") -> torch.Tensor:
         t = torch.as_tensor(t).long()
         if t.dim() == 1:
-            return pack_stream(t, cfg.n_positions, eos_id)
-        if t.dim() != 2 or t.shape[1] > cfg.n_positions or t.shape[1] < 2:
-            raise ValueError(f"tokens must be [n_seq, ctx <= {cfg.n_positions}] or 1-D; got {tuple(t.shape)}")
+            return pack_stream(t, context, eos_id)
+        if t.dim() != 2 or t.shape[1] > context or t.shape[1] < 2:
+            raise ValueError(f"{name} must be [n_seq, ctx <= {context}] or 1-D; got {tuple(t.shape)}")
         return t.contiguous()
 
     data = as_rows(tokens)
     evals = as_rows(eval_tokens)[: cfg.eval_sequences] if eval_tokens is not None else None
+    phases = _curriculum_phases(cfg, curriculum_tokens, as_rows, data.shape[1])
     if cfg.vocab_size is not None:
         vocab_size = cfg.vocab_size
     elif tokenizer is not None:
@@ -230,6 +290,9 @@ def pretrain(
     n_seq, ctx = data.shape
     order = torch.randperm(n_seq, generator=gen)
     cursor = 0
+    for i, phase in enumerate(phases):
+        logger.info("pretrain: curriculum phase %d, steps %d-%d: %d rows of %d tokens, %d per step", i + 1,
+                    phase.first_step + 1, phase.end_step, phase.rows.shape[0], phase.rows.shape[1], phase.batch_size)
     logger.info(
         "pretrain: %d params, %d sequences of %d tokens (%.2fM tokens, %.2f epochs for %d steps x %d)",
         n_params, n_seq, ctx, n_seq * ctx / 1e6, cfg.steps * cfg.batch_size / n_seq, cfg.steps, cfg.batch_size,
@@ -265,11 +328,15 @@ def pretrain(
             logger.warning("pretrain: time budget of %.1f min reached at step %d of %d", cfg.time_budget_minutes,
                            step, cfg.steps)
             break
-        if cursor + cfg.batch_size > n_seq:  # next epoch, a fresh permutation
-            order = torch.randperm(n_seq, generator=gen)
-            cursor = 0
-        batch = data[order[cursor : cursor + cfg.batch_size]]
-        cursor += cfg.batch_size
+        phase = next((ph for ph in phases if ph.first_step <= step < ph.end_step), None)
+        if phase is not None:
+            batch = phase.next_batch()
+        else:
+            if cursor + cfg.batch_size > n_seq:  # next epoch, a fresh permutation
+                order = torch.randperm(n_seq, generator=gen)
+                cursor = 0
+            batch = data[order[cursor : cursor + cfg.batch_size]]
+            cursor += cfg.batch_size
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -309,7 +376,8 @@ def pretrain(
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    tokens_seen = step * cfg.batch_size * ctx
+    tokens_seen = sum(ph.tokens_seen(step) for ph in phases)
+    tokens_seen += max(0, step - (phases[-1].end_step if phases else 0)) * cfg.batch_size * ctx
     tps = tokens_seen / train_seconds if train_seconds > 0 else float("nan")
     final_loss = sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else float("nan")
     log = {
@@ -318,7 +386,9 @@ def pretrain(
         "vocab_size": vocab_size,
         "n_params": n_params,
         "data": {"n_sequences": n_seq, "context": ctx, "tokens": n_seq * ctx,
-                 "eval_sequences": 0 if evals is None else evals.shape[0]},
+                 "eval_sequences": 0 if evals is None else evals.shape[0],
+                 "curriculum": [{"context": ph.rows.shape[1], "steps": ph.end_step - ph.first_step,
+                                 "sequences": ph.rows.shape[0], "batch_size": ph.batch_size} for ph in phases]},
         "steps": step,
         "completed": completed,
         "tokens_seen": tokens_seen,
