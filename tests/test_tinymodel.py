@@ -66,10 +66,10 @@ def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path):
     assert "| LN-free |" in card and "held-out CE" in card and "Quality bars" in card
     assert json.loads((out / "build_metrics.json").read_text())["checks"] == metrics["checks"]
     phases = metrics["pretrain"]["curriculum"]  # the micro build runs the context curriculum too
-    assert [(p["context"], p["repeat_fraction"], p["steps"], p["repeat_span"]) for p in phases] == [
-        (16, 1.0, 3, [3, 6]), (16, 0.5, 4, [3, 6])]
+    assert [(p["context"], p["repeat_fraction"], p["steps"], p["text"], p["repeat_span"]) for p in phases] == [
+        (16, 1.0, 3, "stream", [3, 6]), (16, 0.5, 2, "stream", [3, 6]), (16, 0.5, 2, "starts", [3, 6])]
     assert "| pre-training, phase 1 | 3 | 32 x 16 | context curriculum: repeated rows only" in card
-    assert "| pre-training, full rows | 13 | 8 x 64 |" in card
+    assert "each document's start" in card and "| pre-training, full rows | 13 | 8 x 64 |" in card
     assert set(metrics["eval"]) == {"original", "control", "ln_free"}
     # the shipped LN-free twin meets the foundation bars
     result = check_model(ModelSource(path=out / "ln_free"), "ln_free", device="cpu", dtype="float64")
@@ -144,9 +144,9 @@ def test_curriculum_option_parses():
 
     from analysis.tinymodel.cli import parse_curriculum
 
-    assert parse_curriculum("32:1.0:300,32:0.5:700") == ((32, 1.0, 300), (32, 0.5, 700))
+    assert parse_curriculum("32:1.0:300,32:0.5:700:starts") == ((32, 1.0, 300, "stream"), (32, 0.5, 700, "starts"))
     assert parse_curriculum("none") == () == parse_curriculum("")
-    for bad in ("32:1.0", "32:1.5:10", "x:0.5:10"):
+    for bad in ("32:1.0", "32:1.5:10", "x:0.5:10", "32:0.5:10:middles", "32:0.5:10:starts:x"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_curriculum(bad)
 
@@ -161,3 +161,18 @@ def test_repeat_pool(tokenizer):
     assert set(word_token_pool(tokenizer)) < set(vocab)
     with pytest.raises(ValueError, match="repeat_pool"):
         repeat_pool(tokenizer, "names")
+
+
+def test_document_start_rows():
+    from analysis.tinymodel.build import document_start_rows
+
+    docs = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    starts, stream = [], []
+    for doc in docs:
+        starts.append(len(stream))
+        stream += doc + [0]
+    rows = document_start_rows(stream, starts, context=4, bos_id=0)
+    # each row: bos + the first 3 tokens from a document's start, running on into the next one
+    assert rows.tolist() == [[0, 5, 6, 7], [0, 10, 11, 0], [0, 12, 13, 14]]
+    assert document_start_rows(stream, starts, context=7, bos_id=0).tolist() == [
+        [0, 5, 6, 7, 8, 9, 0], [0, 10, 11, 0, 12, 13, 14]]  # the last document cannot fill a row of 7

@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -49,6 +49,20 @@ BARS = {
 }
 
 
+class CurriculumPhase(NamedTuple):
+    """One phase of the context curriculum: `steps` steps on rows of `context` tokens, a `repeat_fraction`
+    of them repeated random sequences and the rest story text: the training stream packed into rows
+    ("stream": sentences at every offset) or each document's start ("starts": as the task prompts are)."""
+
+    context: int
+    repeat_fraction: float
+    steps: int
+    text: str = "stream"
+
+
+CURRICULUM_TEXTS = ("stream", "starts")
+
+
 @dataclass
 class BuildConfig:
     seed: int = 0
@@ -66,12 +80,11 @@ class BuildConfig:
     # "words" (1356 of 2578 tokens), or 100 of them, the loss stayed at ln(pool) to step 200, untied
     # embeddings too; with "vocab" the repeated half's loss fell from step ~100 (5.5 vs 8.2 at step 200)
     repeat_pool: str = "vocab"
-    # the context curriculum before the full-length rows, one (context, fraction of repeated rows, steps)
-    # per phase (PretrainConfig.curriculum). A phase's rows are the same story stream packed into rows of
-    # `context` tokens and repeated rows (spans of 3 to 2/5 of the row) in that proportion; 1.0: repeats only
+    # the context curriculum before the full-length rows: CurriculumPhase(context, repeat_fraction, steps,
+    # text) per phase (PretrainConfig.curriculum). Repeated rows' spans are 3 to 2/5 of the row; 1.0: repeats only
     # The defaults are the shipped trio's (no curriculum, no repeated rows), so `make tiny-models` rebuilds
     # it; the recipe under trial is `--repeat-rows 0.25 --curriculum 32:1.0:300,32:0.5:700`.
-    curriculum: tuple[tuple[int, float, int], ...] = ()
+    curriculum: tuple[CurriculumPhase, ...] = ()
     # stages
     # the shipped trio's settings: 2000 x 32 x 128 = 8.2M tokens, ~45 min on 2 CPU cores
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=2000, batch_size=32, snapshot_every=500))
@@ -96,20 +109,34 @@ def micro_config(seed: int = 0) -> BuildConfig:
         pretrain=PretrainConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, steps=20, batch_size=8,
                                 warmup_steps=2, eval_every=0, eval_sequences=8, log_every=5, seed=seed,
                                 position_init="sinusoidal"),
-        repeat_rows=0.1, curriculum=((16, 1.0, 3), (16, 0.5, 4)), remove_ln_steps=None, remove_ln_batch_size=4,
+        repeat_rows=0.1, curriculum=(CurriculumPhase(16, 1.0, 3), CurriculumPhase(16, 0.5, 2),
+                                                   CurriculumPhase(16, 0.5, 2, "starts")), remove_ln_steps=None, remove_ln_batch_size=4,
         eval_prompts=8, induction_half_len=10,
     )
 
 
 # ---------------------------------------------------------------------------- helpers
-def tokenize_docs(tokenizer: Any, docs: list[str]) -> list[int]:
-    """The documents' tokens joined into one stream, each document followed by <|endoftext|>."""
+def tokenize_docs(tokenizer: Any, docs: list[str], starts: list[int] | None = None) -> list[int]:
+    """The documents' tokens joined into one stream, each document followed by <|endoftext|>.
+
+    `starts`, if given, receives each document's offset in the stream.
+    """
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for enc in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False):
+        if starts is not None:
+            starts.append(len(stream))
         stream.extend(enc.ids)
         stream.append(eos)
     return stream
+
+
+def document_start_rows(stream: list[int], starts: list[int], context: int, bos_id: int) -> torch.Tensor:
+    """LongTensor[n_docs, context]: <|endoftext|> then the first context-1 tokens from each document's start
+    (running on into the next document when one is shorter); the documents that cannot fill a row are left out."""
+    body = context - 1
+    rows = [[bos_id] + stream[start : start + body] for start in starts if start + body <= len(stream)]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context)
 
 
 def curriculum_span(context: int) -> tuple[int, int]:
@@ -270,7 +297,12 @@ def _build_tiny(
     stages = _Stages(callback)
     t_start = time.perf_counter()
     ctx = cfg.pretrain.n_positions
-    cfg.pretrain.curriculum = tuple((context, steps) for context, _, steps in cfg.curriculum)
+    curriculum = [CurriculumPhase(*phase) for phase in cfg.curriculum]
+    for phase in curriculum:
+        if phase.text not in CURRICULUM_TEXTS or not 0 <= phase.repeat_fraction <= 1:
+            raise ValueError(f"curriculum phase {phase}: text must be one of {CURRICULUM_TEXTS} and "
+                             "0 <= repeat_fraction <= 1")
+    cfg.pretrain.curriculum = tuple((phase.context, phase.steps) for phase in curriculum)
 
     # 1. corpus
     def corpus() -> tuple[list[str], list[str]]:
@@ -285,23 +317,28 @@ def _build_tiny(
     # 3. tokenize and pack: each row is <|endoftext|> + ctx-1 tokens of the document stream
     def tokenize() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         eos = tokenizer.eos_token_id
-        stream = tokenize_docs(tokenizer, train_docs)
+        starts: list[int] = []
+        stream = tokenize_docs(tokenizer, train_docs, starts)
         pool = repeat_pool(tokenizer, cfg.repeat_pool)
 
         def rows(
-            context: int, span: tuple[int, int], fraction: float, stream_seed: int
+            stories: torch.Tensor, span: tuple[int, int], fraction: float, stream_seed: int
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            stories = pack_stream(stream, context, eos)
+            context = stories.shape[1]
             if fraction >= 1:  # repeats only, as many rows as the stories make
                 stories, n_repeats = stories[:0], stories.shape[0]
             else:
                 n_repeats = round(fraction * stories.shape[0] / (1 - fraction)) if fraction else 0
             return stories, repeated_token_rows(pool, n_repeats, context, stream_seed, eos, span=span)
 
-        stories, repeats = rows(ctx, REPEAT_ROW_SPAN, cfg.repeat_rows, seed)
+        stories, repeats = rows(pack_stream(stream, ctx, eos), REPEAT_ROW_SPAN, cfg.repeat_rows, seed)
         # each curriculum phase draws its own repeated sequences (a separate seeded stream)
-        phases = [torch.cat(rows(context, curriculum_span(context), fraction, seed + 1000 * (i + 1)))
-                  for i, (context, fraction, _) in enumerate(cfg.curriculum)]
+        phases = []
+        for i, phase in enumerate(curriculum):
+            text = (pack_stream(stream, phase.context, eos) if phase.text == "stream"
+                    else document_start_rows(stream, starts, phase.context, eos))
+            phases.append(torch.cat(rows(text, curriculum_span(phase.context), phase.repeat_fraction,
+                                         seed + 1000 * (i + 1))))
         return stories, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos), phases
 
     story_tokens, repeat_tokens, heldout_tokens, phase_tokens = stages.run("tokenize", tokenize)
@@ -361,10 +398,11 @@ def _build_tiny(
                      "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr,
                      "position_init": cfg.pretrain.position_init,
                      "repeat_pool": cfg.repeat_pool,
-                     "curriculum": [{"context": context, "repeat_fraction": fraction, "steps": steps,
-                                     "sequences": int(rows.shape[0]), "repeat_span": list(curriculum_span(context)),
-                                     "batch_size": cfg.pretrain.batch_size * ctx // context}
-                                    for (context, fraction, steps), rows in zip(cfg.curriculum, phase_tokens)]},
+                     "curriculum": [{"context": phase.context, "repeat_fraction": phase.repeat_fraction,
+                                     "steps": phase.steps, "text": phase.text, "sequences": int(rows.shape[0]),
+                                     "repeat_span": list(curriculum_span(phase.context)),
+                                     "batch_size": cfg.pretrain.batch_size * ctx // phase.context}
+                                    for phase, rows in zip(curriculum, phase_tokens)]},
         "remove_ln": {"steps": rl.schedule.total_steps, "schedule": rl.schedule.to_dict(),
                       "batch_size": cfg.remove_ln_batch_size, "tokens_per_step": rl.tokens_per_step,
                       "final_loss": rl.final_loss, "final_aux_loss": rl.final_aux_loss,

@@ -16,9 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", type=int, help="training documents")
     p.add_argument("--steps", type=int, help="pretraining steps")
     p.add_argument("--batch-size", type=int, help="pretraining batch size (sequences)")
-    p.add_argument("--curriculum", type=parse_curriculum, metavar="CTX:FRACTION:STEPS,...",
-                   help="context curriculum before the full-length rows, e.g. 32:1.0:300,32:0.5:700 (rows of CTX "
-                        "tokens, FRACTION of them repeated random tokens, for STEPS steps); 'none': off")
+    p.add_argument("--curriculum", type=parse_curriculum, metavar="CTX:FRACTION:STEPS[:TEXT],...",
+                   help="context curriculum before the full-length rows, e.g. 32:1.0:300,32:0.5:700:starts (STEPS "
+                        "steps on rows of CTX tokens, FRACTION of them repeated random tokens, the rest story text: "
+                        "TEXT 'stream' (the packed stream, the default) or 'starts' (each document's start)); "
+                        "'none': off")
     p.add_argument("--repeat-rows", type=float, help="fraction of training rows that are repeated random tokens")
     p.add_argument("--repeat-pool", choices=("vocab", "words"),
                    help="tokens the repeated rows draw from: the whole vocabulary, or the induction task's word tokens")
@@ -31,19 +33,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_curriculum(text: str) -> tuple[tuple[int, float, int], ...]:
-    """"32:1.0:300,32:0.5:700" -> ((32, 1.0, 300), (32, 0.5, 700)); "none" or "" -> ()."""
+def parse_curriculum(text: str) -> tuple:
+    """"32:1.0:300,32:0.5:700:starts" -> (CurriculumPhase(32, 1.0, 300), CurriculumPhase(32, 0.5, 700, "starts"));
+    "none" or "" -> ()."""
+    from analysis.tinymodel.build import CURRICULUM_TEXTS, CurriculumPhase
+
     if text.strip().lower() in ("", "none"):
         return ()
     phases = []
     for part in text.split(","):
+        fields = part.split(":")
         try:
-            context, fraction, steps = part.split(":")
-            phase = (int(context), float(fraction), int(steps))
+            if len(fields) not in (3, 4):
+                raise ValueError
+            phase = CurriculumPhase(int(fields[0]), float(fields[1]), int(fields[2]), *fields[3:])
         except ValueError:
-            raise argparse.ArgumentTypeError(f"curriculum phase {part!r} is not CTX:FRACTION:STEPS") from None
-        if phase[0] < 2 or not 0 <= phase[1] <= 1 or phase[2] < 0:
-            raise argparse.ArgumentTypeError(f"curriculum phase {part!r}: CTX >= 2, 0 <= FRACTION <= 1, STEPS >= 0")
+            raise argparse.ArgumentTypeError(f"curriculum phase {part!r} is not CTX:FRACTION:STEPS[:TEXT]") from None
+        if phase.context < 2 or not 0 <= phase.repeat_fraction <= 1 or phase.steps < 0 or phase.text not in CURRICULUM_TEXTS:
+            raise argparse.ArgumentTypeError(f"curriculum phase {part!r}: CTX >= 2, 0 <= FRACTION <= 1, STEPS >= 0, "
+                                             f"TEXT one of {', '.join(CURRICULUM_TEXTS)}")
         phases.append(phase)
     return tuple(phases)
 

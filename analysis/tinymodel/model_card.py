@@ -51,7 +51,8 @@ def render_model_card(m: dict[str, Any]) -> str:
     phases = pre.get("curriculum") or []
     phase_rows = "".join(
         f"| pre-training, phase {i + 1} | {ph['steps']} | {ph['batch_size']} x {ph['context']} | context curriculum: "
-        + (f"the story stream packed into rows of {ph['context']} tokens, {ph['repeat_fraction']:.0%} of rows repeated "
+        + ((f"each document's start" if ph.get("text") == "starts" else "the story stream packed into rows")
+           + f" ({ph['context']} tokens), {ph['repeat_fraction']:.0%} of rows repeated "
            if ph["repeat_fraction"] < 1 else "repeated rows only ")
         + f"({ph['repeat_span'][0]}-{ph['repeat_span'][1]}-token sequences), {ph['sequences']:,} rows; the same "
         "tokens per step |\n" for i, ph in enumerate(phases))
