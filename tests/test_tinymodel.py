@@ -176,3 +176,30 @@ def test_document_start_rows():
     assert rows.tolist() == [[0, 5, 6, 7], [0, 10, 11, 0], [0, 12, 13, 14]]
     assert document_start_rows(stream, starts, context=7, bos_id=0).tolist() == [
         [0, 5, 6, 7, 8, 9, 0], [0, 10, 11, 0, 12, 13, 14]]  # the last document cannot fill a row of 7
+
+
+def test_curriculum_is_checked_before_any_stage(tmp_path):
+    from analysis.tinymodel.build import CurriculumPhase
+
+    cfg = micro_config()
+    bad = [
+        (dataclasses.replace(cfg, repeat_rows=1.0), "repeat_rows"),
+        (dataclasses.replace(cfg, curriculum=(CurriculumPhase(128, 0.5, 2),)), "context must be in"),
+        (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 1.5, 2),)), "repeat_fraction"),
+        (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 2, "middles"),)), "text must be one of"),
+        (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 30),)), "exceed the pretraining steps"),
+    ]
+    for config, message in bad:
+        with pytest.raises(ValueError, match=message):
+            build_tiny(tmp_path / "out", config=config, work_dir=tmp_path / "work", progress=False)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_shipped_model_card_renders_from_its_metrics():
+    from pathlib import Path
+
+    from analysis.tinymodel.model_card import render_model_card
+
+    tiny = Path(__file__).resolve().parents[1] / "models" / "tiny"
+    card = render_model_card(json.loads((tiny / "build_metrics.json").read_text()))
+    assert (tiny / "MODEL_CARD.md").read_text().startswith(card)  # the transcoders' section follows

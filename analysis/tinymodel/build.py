@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import platform
 import shutil
 import time
@@ -72,8 +73,9 @@ class BuildConfig:
     tokenizer_docs: int = 20_000  # the first this many training documents train the tokenizer
     vocab_size: int = 4096  # upper bound; BPE stops when no pair occurs twice
     # fraction of training rows that are repeated random token sequences (corpus.repeated_token_rows, drawn
-    # from repeat_pool), the rest story text. Without a short-context start they taught nothing: 0.25 with 5000 x 16 steps,
-    # lr 3e-3 and sinusoidal position init had formed no induction heads by step 4000 (2026-11-23 trial)
+    # from repeat_pool), the rest story text; in [0, 1). Without a short-context start they taught nothing:
+    # 0.25 with 5000 x 16 steps, lr 3e-3 and sinusoidal position init had formed no induction heads by
+    # step 4000 (2026-11-23 trial)
     repeat_rows: float = 0.0
     # the tokens the repeated rows draw from: "vocab" (every non-special token) or "words" (the induction
     # task's pool of word tokens). 2026-11-24 trials, 4-layer d128, pure repeated rows of 32 tokens: with
@@ -81,13 +83,14 @@ class BuildConfig:
     # embeddings too; with "vocab" the repeated half's loss fell from step ~100 (5.5 vs 8.2 at step 200)
     repeat_pool: str = "vocab"
     # the context curriculum before the full-length rows: CurriculumPhase(context, repeat_fraction, steps,
-    # text) per phase (PretrainConfig.curriculum). Repeated rows' spans are 3 to 2/5 of the row; 1.0: repeats only
-    # The defaults are the shipped trio's (no curriculum, no repeated rows), so `make tiny-models` rebuilds
-    # it; the recipe under trial is `--repeat-rows 0.25 --curriculum 32:1.0:300,32:0.5:700`.
+    # text) per phase (PretrainConfig.curriculum). Repeated rows' spans are 3 to 2/5 of the row; a
+    # repeat_fraction of 1.0 means repeated rows only. The defaults are the shipped trio's (no curriculum,
+    # no repeated rows), so `make tiny-models` rebuilds it; the recipe under trial is in the README.
     curriculum: tuple[CurriculumPhase, ...] = ()
     # stages
     # the shipped trio's settings: 2000 x 32 x 128 = 8.2M tokens, ~45 min on 2 CPU cores
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=2000, batch_size=32, snapshot_every=500))
+    pretrain: PretrainConfig = field(
+        default_factory=lambda: PretrainConfig(steps=2000, batch_size=32, snapshot_every=500))
     remove_ln_steps: int = 300  # FakeLN fine-tuning steps (the control gets the same)
     remove_ln_batch_size: int = 32
     remove_ln_lr: float = 6e-4
@@ -109,9 +112,9 @@ def micro_config(seed: int = 0) -> BuildConfig:
         pretrain=PretrainConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, steps=20, batch_size=8,
                                 warmup_steps=2, eval_every=0, eval_sequences=8, log_every=5, seed=seed,
                                 position_init="sinusoidal"),
-        repeat_rows=0.1, curriculum=(CurriculumPhase(16, 1.0, 3), CurriculumPhase(16, 0.5, 2),
-                                                   CurriculumPhase(16, 0.5, 2, "starts")), remove_ln_steps=None, remove_ln_batch_size=4,
-        eval_prompts=8, induction_half_len=10,
+        repeat_rows=0.1,
+        curriculum=(CurriculumPhase(16, 1.0, 3), CurriculumPhase(16, 0.5, 2), CurriculumPhase(16, 0.5, 2, "starts")),
+        remove_ln_steps=None, remove_ln_batch_size=4, eval_prompts=8, induction_half_len=10,
     )
 
 
@@ -137,6 +140,24 @@ def document_start_rows(stream: list[int], starts: list[int], context: int, bos_
     body = context - 1
     rows = [[bos_id] + stream[start : start + body] for start in starts if start + body <= len(stream)]
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context)
+
+
+def check_curriculum(cfg: BuildConfig) -> list[CurriculumPhase]:
+    """cfg.curriculum as CurriculumPhase tuples, checked before any stage runs (ValueError naming the field)."""
+    if not 0 <= cfg.repeat_rows < 1:
+        raise ValueError(f"repeat_rows must be in [0, 1); got {cfg.repeat_rows}")
+    phases = [CurriculumPhase(*phase) for phase in cfg.curriculum]
+    for phase in phases:
+        if phase.text not in CURRICULUM_TEXTS or not 0 <= phase.repeat_fraction <= 1:
+            raise ValueError(f"curriculum phase {phase}: text must be one of {CURRICULUM_TEXTS} and "
+                             "0 <= repeat_fraction <= 1")
+        if not 2 <= phase.context <= cfg.pretrain.n_positions or phase.steps < 0:
+            raise ValueError(f"curriculum phase {phase}: context must be in [2, {cfg.pretrain.n_positions}] "
+                             "and steps >= 0")
+    if sum(phase.steps for phase in phases) > cfg.pretrain.steps:
+        raise ValueError(f"the curriculum's {sum(p.steps for p in phases)} steps exceed the pretraining steps "
+                         f"({cfg.pretrain.steps})")
+    return phases
 
 
 def curriculum_span(context: int) -> tuple[int, int]:
@@ -286,6 +307,8 @@ def _build_tiny(
     cfg = dataclasses.replace(cfg, seed=seed, pretrain=dataclasses.replace(cfg.pretrain, seed=seed))
     if budget is not None:
         cfg.pretrain.time_budget_minutes = budget
+    curriculum = check_curriculum(cfg)
+    cfg.pretrain.curriculum = tuple((phase.context, phase.steps) for phase in curriculum)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(out_dir)
@@ -297,12 +320,6 @@ def _build_tiny(
     stages = _Stages(callback)
     t_start = time.perf_counter()
     ctx = cfg.pretrain.n_positions
-    curriculum = [CurriculumPhase(*phase) for phase in cfg.curriculum]
-    for phase in curriculum:
-        if phase.text not in CURRICULUM_TEXTS or not 0 <= phase.repeat_fraction <= 1:
-            raise ValueError(f"curriculum phase {phase}: text must be one of {CURRICULUM_TEXTS} and "
-                             "0 <= repeat_fraction <= 1")
-    cfg.pretrain.curriculum = tuple((phase.context, phase.steps) for phase in curriculum)
 
     # 1. corpus
     def corpus() -> tuple[list[str], list[str]]:
@@ -321,24 +338,25 @@ def _build_tiny(
         stream = tokenize_docs(tokenizer, train_docs, starts)
         pool = repeat_pool(tokenizer, cfg.repeat_pool)
 
-        def rows(
-            stories: torch.Tensor, span: tuple[int, int], fraction: float, stream_seed: int
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            context = stories.shape[1]
-            if fraction >= 1:  # repeats only, as many rows as the stories make
-                stories, n_repeats = stories[:0], stories.shape[0]
-            else:
-                n_repeats = round(fraction * stories.shape[0] / (1 - fraction)) if fraction else 0
-            return stories, repeated_token_rows(pool, n_repeats, context, stream_seed, eos, span=span)
-
-        stories, repeats = rows(pack_stream(stream, ctx, eos), REPEAT_ROW_SPAN, cfg.repeat_rows, seed)
-        # each curriculum phase draws its own repeated sequences (a separate seeded stream)
+        stories = pack_stream(stream, ctx, eos)
+        n_repeats = round(cfg.repeat_rows * stories.shape[0] / (1 - cfg.repeat_rows))
+        repeats = repeated_token_rows(pool, n_repeats, ctx, seed, eos)
+        # each curriculum phase: one epoch's rows at most, its own seeded repeated sequences and story sample
         phases = []
         for i, phase in enumerate(curriculum):
             text = (pack_stream(stream, phase.context, eos) if phase.text == "stream"
                     else document_start_rows(stream, starts, phase.context, eos))
-            phases.append(torch.cat(rows(text, curriculum_span(phase.context), phase.repeat_fraction,
-                                         seed + 1000 * (i + 1))))
+            needed = phase.steps * max(1, cfg.pretrain.batch_size * ctx // phase.context)
+            if phase.repeat_fraction >= 1:
+                text, n_phase_repeats = text[:0], needed
+            else:
+                keep = min(text.shape[0], math.ceil(needed * (1 - phase.repeat_fraction)))
+                order = torch.randperm(text.shape[0], generator=torch.Generator().manual_seed(seed + 1000 * (i + 1)))
+                text = text[order[:keep].sort().values]
+                n_phase_repeats = round(phase.repeat_fraction * keep / (1 - phase.repeat_fraction))
+            phases.append(torch.cat([text, repeated_token_rows(pool, n_phase_repeats, phase.context,
+                                                               seed + 1000 * (i + 1), eos,
+                                                               span=curriculum_span(phase.context))]))
         return stories, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos), phases
 
     story_tokens, repeat_tokens, heldout_tokens, phase_tokens = stages.run("tokenize", tokenize)
@@ -401,7 +419,7 @@ def _build_tiny(
                      "curriculum": [{"context": phase.context, "repeat_fraction": phase.repeat_fraction,
                                      "steps": phase.steps, "text": phase.text, "sequences": int(rows.shape[0]),
                                      "repeat_span": list(curriculum_span(phase.context)),
-                                     "batch_size": cfg.pretrain.batch_size * ctx // phase.context}
+                                     "batch_size": max(1, cfg.pretrain.batch_size * ctx // phase.context)}
                                     for phase, rows in zip(curriculum, phase_tokens)]},
         "remove_ln": {"steps": rl.schedule.total_steps, "schedule": rl.schedule.to_dict(),
                       "batch_size": cfg.remove_ln_batch_size, "tokens_per_step": rl.tokens_per_step,

@@ -49,7 +49,8 @@ def parse_curriculum(text: str) -> tuple:
             phase = CurriculumPhase(int(fields[0]), float(fields[1]), int(fields[2]), *fields[3:])
         except ValueError:
             raise argparse.ArgumentTypeError(f"curriculum phase {part!r} is not CTX:FRACTION:STEPS[:TEXT]") from None
-        if phase.context < 2 or not 0 <= phase.repeat_fraction <= 1 or phase.steps < 0 or phase.text not in CURRICULUM_TEXTS:
+        if (phase.context < 2 or not 0 <= phase.repeat_fraction <= 1 or phase.steps < 0
+                or phase.text not in CURRICULUM_TEXTS):
             raise argparse.ArgumentTypeError(f"curriculum phase {part!r}: CTX >= 2, 0 <= FRACTION <= 1, STEPS >= 0, "
                                              f"TEXT one of {', '.join(CURRICULUM_TEXTS)}")
         phases.append(phase)

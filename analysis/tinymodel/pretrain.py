@@ -278,9 +278,10 @@ def pretrain(
     elif tokenizer is not None:
         vocab_size = len(tokenizer)
     else:
-        vocab_size = int(data.max()) + 1
-    if int(data.max()) >= vocab_size:
-        raise ValueError(f"token id {int(data.max())} is outside the vocabulary ({vocab_size})")
+        vocab_size = max(int(t.max()) for t in [data] + [ph.rows for ph in phases]) + 1
+    for name, t in [("tokens", data)] + [(f"curriculum_tokens[{i}]", ph.rows) for i, ph in enumerate(phases)]:
+        if int(t.max()) >= vocab_size:
+            raise ValueError(f"{name}: token id {int(t.max())} is outside the vocabulary ({vocab_size})")
 
     model = make_model(cfg, vocab_size, eos_id)
     model.train()
