@@ -112,8 +112,8 @@ def test_context_curriculum_runs_its_phases_in_order(docs, tokenizer, tmp_path, 
     cfg = PretrainConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32, steps=8, batch_size=4, warmup_steps=1,
                          eval_every=0, log_every=1, curriculum=((8, 2), (16, 3)))
     batches, real_loss = [], pretrain_module._loss
-    monkeypatch.setattr(pretrain_module, "_loss", lambda model, batch: batches.append(batch.clone())
-                        or real_loss(model, batch))
+    monkeypatch.setattr(pretrain_module, "_loss", lambda model, batch, position_ids=None: batches.append(
+        batch.clone()) or real_loss(model, batch, position_ids))
     result = pretrain(long_rows, cfg, tmp_path / "m", curriculum_tokens=[rows_8, rows_16], progress=False)
     # 4 x 32 tokens per step in every phase: 16 rows of 8, then 8 rows of 16, then 4 full rows
     assert [tuple(b.shape) for b in batches] == [(16, 8)] * 2 + [(8, 16)] * 3 + [(4, 32)] * 3
@@ -203,3 +203,30 @@ def test_shipped_model_card_renders_from_its_metrics():
     tiny = Path(__file__).resolve().parents[1] / "models" / "tiny"
     card = render_model_card(json.loads((tiny / "build_metrics.json").read_text()))
     assert (tiny / "MODEL_CARD.md").read_text().startswith(card)  # the transcoders' section follows
+
+
+def test_curriculum_position_offsets(docs, tokenizer, tmp_path, monkeypatch):
+    import analysis.tinymodel.pretrain as pretrain_module
+
+    stream = [t for d in docs[:100] for t in tokenizer.encode(d, add_special_tokens=False) + [0]]
+    cfg = PretrainConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32, steps=5, batch_size=4, warmup_steps=1,
+                         eval_every=0, log_every=1, curriculum=((8, 3),), curriculum_position_offsets=True)
+    seen, real_loss = [], pretrain_module._loss
+    monkeypatch.setattr(pretrain_module, "_loss", lambda model, batch, position_ids=None: seen.append(
+        (batch.shape, position_ids)) or real_loss(model, batch, position_ids))
+    pretrain(pack_stream(stream, 32, 0), cfg, tmp_path / "m", curriculum_tokens=[pack_stream(stream, 8, 0)],
+             progress=False)
+    offsets = torch.cat([ids[:, 0] for _, ids in seen[:3]])
+    for shape, ids in seen[:3]:
+        assert ids.shape == shape and bool((ids - ids[:, :1] == torch.arange(8)).all())  # consecutive positions
+    assert int(offsets.min()) >= 0 and int(offsets.max()) <= 32 - 8 and len(set(offsets.tolist())) > 10
+    assert [ids for _, ids in seen[3:]] == [None, None]  # full rows keep positions 0..31
+    # the offset rows' loss is the model's loss at those positions
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    batch = pack_stream(stream, 8, 0)[:2]
+    ids = torch.tensor([[5], [20]]) + torch.arange(8)
+    shifted = real_loss(model, batch, ids)
+    assert not torch.allclose(shifted, real_loss(model, batch))
+    logits = torch.cat([model(input_ids=batch[i : i + 1], position_ids=ids[i : i + 1]).logits for i in range(2)])
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    torch.testing.assert_close(shifted, expected)

@@ -416,6 +416,7 @@ def _build_tiny(
                      "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr,
                      "position_init": cfg.pretrain.position_init,
                      "repeat_pool": cfg.repeat_pool,
+                     "curriculum_position_offsets": cfg.pretrain.curriculum_position_offsets,
                      "curriculum": [{"context": phase.context, "repeat_fraction": phase.repeat_fraction,
                                      "steps": phase.steps, "text": phase.text, "sequences": int(rows.shape[0]),
                                      "repeat_span": list(curriculum_span(phase.context)),

@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "steps on rows of CTX tokens, FRACTION of them repeated random tokens, the rest story text: "
                         "TEXT 'stream' (the packed stream, the default) or 'starts' (each document's start)); "
                         "'none': off")
+    p.add_argument("--position-offsets", action="store_true",
+                   help="curriculum rows start at random positions, so short rows train every position embedding")
     p.add_argument("--repeat-rows", type=float, help="fraction of training rows that are repeated random tokens")
     p.add_argument("--repeat-pool", choices=("vocab", "words"),
                    help="tokens the repeated rows draw from: the whole vocabulary, or the induction task's word tokens")
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         pre = dataclasses.replace(pre, steps=args.steps)
     if args.batch_size is not None:
         pre = dataclasses.replace(pre, batch_size=args.batch_size)
+    if args.position_offsets:
+        pre = dataclasses.replace(pre, curriculum_position_offsets=True)
     cfg = dataclasses.replace(
         cfg, pretrain=pre,
         n_docs=args.docs if args.docs is not None else cfg.n_docs,

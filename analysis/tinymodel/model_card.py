@@ -66,6 +66,9 @@ def render_model_card(m: dict[str, Any]) -> str:
         + _phase_rows(ph) + f", {ph['sequences']:,} rows; {ph['batch_size'] * ph['context']:,} tokens per step |\n"
         for i, ph in enumerate(phases))
     phase_steps = sum(ph["steps"] for ph in phases)
+    if phases and pre.get("curriculum_position_offsets"):
+        phase_rows += ("| | | | curriculum rows at random position offsets, so that every position embedding "
+                       "is trained |\n")
     over_all = f" over all {pre['steps']} steps" if phases else ""
     pretrain_rows = phase_rows + (
         f"| pre-training{', full rows' if phases else ''} | {max(0, pre['steps'] - phase_steps)} | "

@@ -58,6 +58,9 @@ class PretrainConfig:
     # diluted by the number of keys (2026-11-23 trials: induction heads formed at once at context 16-32,
     # not by step 1500 at 64). The lr schedule runs over all `steps`, phases included.
     curriculum: tuple[tuple[int, int], ...] = ()
+    # each curriculum row at positions o .. o + context - 1, o uniform in [0, n_positions - context] per row,
+    # so short rows train every position embedding, not only the first `context` (untried in a full build)
+    curriculum_position_offsets: bool = False
     # run
     seed: int = 0
     eval_every: int = 250  # steps; 0: only at the end
@@ -206,8 +209,8 @@ def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
-def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch).logits
+def _loss(model: torch.nn.Module, batch: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    logits = model(input_ids=batch, position_ids=position_ids).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
     )
@@ -291,6 +294,7 @@ def pretrain(
     n_seq, ctx = data.shape
     order = torch.randperm(n_seq, generator=gen)
     cursor = 0
+    offset_gen = torch.Generator().manual_seed(cfg.seed + 100)
     for i, phase in enumerate(phases):
         logger.info("pretrain: curriculum phase %d, steps %d-%d: %d rows of %d tokens, %d per step", i + 1,
                     phase.first_step + 1, phase.end_step, phase.rows.shape[0], phase.rows.shape[1], phase.batch_size)
@@ -330,8 +334,13 @@ def pretrain(
                            step, cfg.steps)
             break
         phase = next((ph for ph in phases if ph.first_step <= step < ph.end_step), None)
+        position_ids = None
         if phase is not None:
             batch = phase.next_batch()
+            if cfg.curriculum_position_offsets:
+                offsets = torch.randint(0, cfg.n_positions - batch.shape[1] + 1, (batch.shape[0], 1),
+                                        generator=offset_gen)
+                position_ids = offsets + torch.arange(batch.shape[1])
         else:
             if cursor + cfg.batch_size > n_seq:  # next epoch, a fresh permutation
                 order = torch.randperm(n_seq, generator=gen)
@@ -341,7 +350,7 @@ def pretrain(
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = _loss(model, batch)
+        loss = _loss(model, batch, position_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
