@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from analysis.tinymodel.pretrain import PretrainConfig, mean_ce, pack_stream, pretrain
+from analysis.tinymodel.pretrain import PretrainConfig, curriculum_batch_size, mean_ce, pack_stream, pretrain
 
 logger = logging.getLogger(__name__)
 
@@ -142,18 +142,22 @@ def document_start_rows(stream: list[int], starts: list[int], context: int, bos_
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context)
 
 
+def check_phase(phase: CurriculumPhase, n_positions: int | None = None) -> CurriculumPhase:
+    """`phase` if its fields are in range (context up to n_positions when given), else ValueError."""
+    if phase.text not in CURRICULUM_TEXTS or not 0 <= phase.repeat_fraction <= 1:
+        raise ValueError(f"curriculum phase {phase}: text must be one of {CURRICULUM_TEXTS} and "
+                         "0 <= repeat_fraction <= 1")
+    if phase.context < 2 or (n_positions is not None and phase.context > n_positions) or phase.steps < 0:
+        raise ValueError(f"curriculum phase {phase}: context must be in [2, {n_positions or 'n_positions'}] "
+                         "and steps >= 0")
+    return phase
+
+
 def check_curriculum(cfg: BuildConfig) -> list[CurriculumPhase]:
     """cfg.curriculum as CurriculumPhase tuples, checked before any stage runs (ValueError naming the field)."""
     if not 0 <= cfg.repeat_rows < 1:
         raise ValueError(f"repeat_rows must be in [0, 1); got {cfg.repeat_rows}")
-    phases = [CurriculumPhase(*phase) for phase in cfg.curriculum]
-    for phase in phases:
-        if phase.text not in CURRICULUM_TEXTS or not 0 <= phase.repeat_fraction <= 1:
-            raise ValueError(f"curriculum phase {phase}: text must be one of {CURRICULUM_TEXTS} and "
-                             "0 <= repeat_fraction <= 1")
-        if not 2 <= phase.context <= cfg.pretrain.n_positions or phase.steps < 0:
-            raise ValueError(f"curriculum phase {phase}: context must be in [2, {cfg.pretrain.n_positions}] "
-                             "and steps >= 0")
+    phases = [check_phase(CurriculumPhase(*phase), cfg.pretrain.n_positions) for phase in cfg.curriculum]
     if sum(phase.steps for phase in phases) > cfg.pretrain.steps:
         raise ValueError(f"the curriculum's {sum(p.steps for p in phases)} steps exceed the pretraining steps "
                          f"({cfg.pretrain.steps})")
@@ -338,15 +342,16 @@ def _build_tiny(
         stream = tokenize_docs(tokenizer, train_docs, starts)
         pool = repeat_pool(tokenizer, cfg.repeat_pool)
 
-        stories = pack_stream(stream, ctx, eos)
+        stream_ids = torch.as_tensor(stream, dtype=torch.long)  # converted once, packed per context below
+        stories = pack_stream(stream_ids, ctx, eos)
         n_repeats = round(cfg.repeat_rows * stories.shape[0] / (1 - cfg.repeat_rows))
         repeats = repeated_token_rows(pool, n_repeats, ctx, seed, eos)
         # each curriculum phase: one epoch's rows at most, its own seeded repeated sequences and story sample
         phases = []
         for i, phase in enumerate(curriculum):
-            text = (pack_stream(stream, phase.context, eos) if phase.text == "stream"
+            text = (pack_stream(stream_ids, phase.context, eos) if phase.text == "stream"
                     else document_start_rows(stream, starts, phase.context, eos))
-            needed = phase.steps * max(1, cfg.pretrain.batch_size * ctx // phase.context)
+            needed = phase.steps * curriculum_batch_size(cfg.pretrain, phase.context)
             if phase.repeat_fraction >= 1:
                 text, n_phase_repeats = text[:0], needed
             else:
@@ -420,7 +425,7 @@ def _build_tiny(
                      "curriculum": [{"context": phase.context, "repeat_fraction": phase.repeat_fraction,
                                      "steps": phase.steps, "text": phase.text, "sequences": int(rows.shape[0]),
                                      "repeat_span": list(curriculum_span(phase.context)),
-                                     "batch_size": max(1, cfg.pretrain.batch_size * ctx // phase.context)}
+                                     "batch_size": curriculum_batch_size(cfg.pretrain, phase.context)}
                                     for phase, rows in zip(curriculum, phase_tokens)]},
         "remove_ln": {"steps": rl.schedule.total_steps, "schedule": rl.schedule.to_dict(),
                       "batch_size": cfg.remove_ln_batch_size, "tokens_per_step": rl.tokens_per_step,

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def parse_curriculum(text: str) -> tuple:
     """"32:1.0:300,32:0.5:700:starts" -> (CurriculumPhase(32, 1.0, 300), CurriculumPhase(32, 0.5, 700, "starts"));
     "none" or "" -> ()."""
-    from analysis.tinymodel.build import CURRICULUM_TEXTS, CurriculumPhase
+    from analysis.tinymodel.build import CurriculumPhase, check_phase
 
     if text.strip().lower() in ("", "none"):
         return ()
@@ -51,11 +51,10 @@ def parse_curriculum(text: str) -> tuple:
             phase = CurriculumPhase(int(fields[0]), float(fields[1]), int(fields[2]), *fields[3:])
         except ValueError:
             raise argparse.ArgumentTypeError(f"curriculum phase {part!r} is not CTX:FRACTION:STEPS[:TEXT]") from None
-        if (phase.context < 2 or not 0 <= phase.repeat_fraction <= 1 or phase.steps < 0
-                or phase.text not in CURRICULUM_TEXTS):
-            raise argparse.ArgumentTypeError(f"curriculum phase {part!r}: CTX >= 2, 0 <= FRACTION <= 1, STEPS >= 0, "
-                                             f"TEXT one of {', '.join(CURRICULUM_TEXTS)}")
-        phases.append(phase)
+        try:
+            phases.append(check_phase(phase))  # the context's upper bound is checked when the build starts
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     return tuple(phases)
 
 

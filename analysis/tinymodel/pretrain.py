@@ -107,9 +107,15 @@ def pack_stream(stream: torch.Tensor | list[int], context: int, bos_id: int | No
     return data.contiguous()
 
 
+def curriculum_batch_size(cfg: PretrainConfig, context: int, full_context: int | None = None) -> int:
+    """Rows per step of a curriculum phase: batch_size x full_context / context, the same tokens per step."""
+    return max(1, cfg.batch_size * (full_context or cfg.n_positions) // context)
+
+
 @dataclass
 class _Phase:
-    """One curriculum phase: steps [first_step, end_step) on `rows`, each epoch in a fresh seeded order."""
+    """Steps [first_step, end_step) on `rows` (a curriculum phase, or the full-length rows), each epoch in a
+    fresh seeded order."""
 
     rows: torch.Tensor  # [n_seq, context]
     batch_size: int
@@ -146,7 +152,7 @@ def _curriculum_phases(
         rows = as_rows(tokens, context, name)
         if rows.shape[1] != context:
             raise ValueError(f"{name} rows have {rows.shape[1]} tokens; the phase's context is {context}")
-        batch = max(1, cfg.batch_size * ctx // context)  # the same tokens per step
+        batch = curriculum_batch_size(cfg, context, ctx)
         if rows.shape[0] < batch:
             raise ValueError(f"{name} has {rows.shape[0]} rows, fewer than one step's {batch}")
         phases.append(_Phase(rows, batch, first, first + steps, torch.Generator().manual_seed(cfg.seed + 1 + i)))
@@ -291,10 +297,10 @@ def pretrain(
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = _optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
     n_seq, ctx = data.shape
-    order = torch.randperm(n_seq, generator=gen)
-    cursor = 0
+    # the full-length rows are the last phase, to the end of training
+    full_rows = _Phase(data, cfg.batch_size, phases[-1].end_step if phases else 0, cfg.steps,
+                       torch.Generator().manual_seed(cfg.seed))
     offset_gen = torch.Generator().manual_seed(cfg.seed + 100)
     for i, phase in enumerate(phases):
         logger.info("pretrain: curriculum phase %d, steps %d-%d: %d rows of %d tokens, %d per step", i + 1,
@@ -334,20 +340,13 @@ def pretrain(
             logger.warning("pretrain: time budget of %.1f min reached at step %d of %d", cfg.time_budget_minutes,
                            step, cfg.steps)
             break
-        phase = next((ph for ph in phases if ph.first_step <= step < ph.end_step), None)
+        phase = next((ph for ph in phases if ph.first_step <= step < ph.end_step), full_rows)
+        batch = phase.next_batch()
         position_ids = None
-        if phase is not None:
-            batch = phase.next_batch()
-            if cfg.curriculum_position_offsets:
-                offsets = torch.randint(0, cfg.n_positions - batch.shape[1] + 1, (batch.shape[0], 1),
-                                        generator=offset_gen)
-                position_ids = offsets + torch.arange(batch.shape[1])
-        else:
-            if cursor + cfg.batch_size > n_seq:  # next epoch, a fresh permutation
-                order = torch.randperm(n_seq, generator=gen)
-                cursor = 0
-            batch = data[order[cursor : cursor + cfg.batch_size]]
-            cursor += cfg.batch_size
+        if phase is not full_rows and cfg.curriculum_position_offsets:
+            offsets = torch.randint(0, cfg.n_positions - batch.shape[1] + 1, (batch.shape[0], 1),
+                                    generator=offset_gen)
+            position_ids = offsets + torch.arange(batch.shape[1])
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -387,8 +386,7 @@ def pretrain(
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    tokens_seen = sum(ph.tokens_seen(step) for ph in phases)
-    tokens_seen += max(0, step - (phases[-1].end_step if phases else 0)) * cfg.batch_size * ctx
+    tokens_seen = sum(ph.tokens_seen(step) for ph in phases + [full_rows])
     tps = tokens_seen / train_seconds if train_seconds > 0 else float("nan")
     final_loss = sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else float("nan")
     log = {
