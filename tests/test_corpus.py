@@ -12,7 +12,9 @@ import torch
 from analysis.tasks import vocab
 from analysis.tinymodel.corpus import (
     REPEAT_ROW_SPAN,
+    _Story,
     generate_documents,
+    ioi_grammar_template,
     iter_documents,
     join_documents,
     repeated_token_rows,
@@ -81,6 +83,45 @@ def test_heldout_ioi_and_year_templates_never_appear(docs):
     train_res = [vocab.template_regex(t) for t in vocab.TRAIN_IOI_ACTIONS]
     with_ioi = sum(any(r.search(d) for r in train_res) for d in docs)
     assert with_ioi / len(docs) > 0.7
+
+
+def test_ioi_grammar_varies_templates_and_never_renders_a_heldout_clause():
+    import random
+
+    rng = random.Random(0)
+    templates = [ioi_grammar_template(rng) for _ in range(3000)]
+    assert len(set(templates)) > 2000  # far beyond the 196 fixed training templates
+    heldout = [vocab.template_regex(c) for c in vocab.HELDOUT_IOI_INTROS + vocab.HELDOUT_IOI_ACTIONS]
+    for template in templates:
+        assert template.endswith(" to") and not template.startswith("{"), template
+        assert [template.count("{" + slot + "}") for slot in ("N1", "N2", "S2")] == [1, 1, 1], template
+        assert template.index("{S2}") > max(template.index("{N1}"), template.index("{N2}")), template
+        text = template.format(N1="Mary", N2="John", S2="John", PLACE="store", OBJECT="ball")
+        assert not any(r.search(text) for r in heldout), template
+    grammar_docs = generate_documents(600, seed=0, ioi_grammar=1.0)
+    assert grammar_docs != generate_documents(600, seed=0)
+    assert generate_documents(50, seed=0, ioi_grammar=0.0) == generate_documents(50, seed=0)
+    text = "\n".join(grammar_docs)
+    for clause in vocab.HELDOUT_IOI_INTROS + vocab.HELDOUT_IOI_ACTIONS:
+        assert not vocab.template_regex(clause).search(text), clause
+    with pytest.raises(ValueError, match="ioi_grammar"):
+        generate_documents(1, seed=0, ioi_grammar=1.5)
+
+
+@pytest.mark.parametrize("ioi_grammar", [0.0, 1.0])
+def test_every_ioi_sentence_ends_with_the_indirect_object(ioi_grammar):
+    import random
+
+    rng = random.Random(1)
+    orders = {"ABBA": 0, "BABA": 0}
+    for i in range(400):
+        if i % 4 == 0:  # a story's sentences sometimes bring in new characters; a story has a few
+            story = _Story(rng, ioi_grammar)
+        names = NAME_RE.findall(story.ioi_sentence())
+        n1, n2, s2, io = names[:4]  # an ending may name IO again
+        assert s2 in (n1, n2) and {n1, n2} == {s2, io} and set(names[4:]) <= {io}, names
+        orders["ABBA" if io == n1 else "BABA"] += 1
+    assert min(orders.values()) > 0.35 * 400
 
 
 def test_ioi_sentences_answer_the_indirect_object_in_both_orders(docs):

@@ -71,6 +71,11 @@ def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path):
     assert "| pre-training, phase 1 | 3 | 32 x 16 | context curriculum: repeated rows only" in card
     assert "each document's start" in card and "| pre-training, full rows | 13 | 8 x 64 |" in card
     assert set(metrics["eval"]) == {"original", "control", "ln_free"}
+    # document-start rows and the IOI grammar reach the data and the card
+    data = metrics["data"]
+    assert data["start_sequences"] == round(0.1 * data["story_sequences"] / (1 - 0.1 - cfg.repeat_rows))
+    assert data["train_sequences"] == data["story_sequences"] + data["start_sequences"] + data["repeat_sequences"]
+    assert data["ioi_grammar"] == 0.5 and "50% from a grammar" in card and "each document's first tokens" in card
     # the shipped LN-free twin meets the foundation bars
     result = check_model(ModelSource(path=out / "ln_free"), "ln_free", device="cpu", dtype="float64")
     assert result.max_rel_logit_error < 1e-6 and result.dla_sum_rel_error < 1e-6 and result.hook_scale_hooks == 0
@@ -184,6 +189,9 @@ def test_curriculum_is_checked_before_any_stage(tmp_path):
     cfg = micro_config()
     bad = [
         (dataclasses.replace(cfg, repeat_rows=1.0), "repeat_rows"),
+        (dataclasses.replace(cfg, start_rows=-0.1), "start_rows"),
+        (dataclasses.replace(cfg, repeat_rows=0.5, start_rows=0.5), "repeat_rows \\+ start_rows < 1"),
+        (dataclasses.replace(cfg, ioi_grammar=1.5), "ioi_grammar"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(128, 0.5, 2),)), "context must be in"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 1.5, 2),)), "repeat_fraction"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 2, "middles"),)), "text must be one of"),

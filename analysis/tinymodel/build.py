@@ -77,6 +77,13 @@ class BuildConfig:
     # 0.25 with 5000 x 16 steps, lr 3e-3 and sinusoidal position init had formed no induction heads by
     # step 4000 (2026-11-23 trial)
     repeat_rows: float = 0.0
+    # fraction of training rows that are each document's first tokens (document_start_rows, where 60% of
+    # documents open with an IOI sentence, as the task prompts do), in [0, 1) with repeat_rows + start_rows < 1.
+    # These rows also feed the LN-removal fine-tuning, so the LN-free model and the control keep what they teach
+    start_rows: float = 0.0
+    # fraction of the corpus's IOI sentences drawn from corpus.ioi_grammar_template instead of the fixed
+    # training templates (corpus.generate_documents' ioi_grammar); 0 is the shipped trio's corpus
+    ioi_grammar: float = 0.0
     # the tokens the repeated rows draw from: "vocab" (every non-special token) or "words" (the induction
     # task's pool of word tokens). 2026-11-24 trials, 4-layer d128, pure repeated rows of 32 tokens: with
     # "words" (1356 of 2578 tokens), or 100 of them, the loss stayed at ln(pool) to step 200, untied
@@ -112,7 +119,7 @@ def micro_config(seed: int = 0) -> BuildConfig:
         pretrain=PretrainConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, steps=20, batch_size=8,
                                 warmup_steps=2, eval_every=0, eval_sequences=8, log_every=5, seed=seed,
                                 position_init="sinusoidal"),
-        repeat_rows=0.1,
+        repeat_rows=0.1, start_rows=0.1, ioi_grammar=0.5,
         curriculum=(CurriculumPhase(16, 1.0, 3), CurriculumPhase(16, 0.5, 2), CurriculumPhase(16, 0.5, 2, "starts")),
         remove_ln_steps=None, remove_ln_batch_size=4, eval_prompts=8, induction_half_len=10,
     )
@@ -157,6 +164,11 @@ def check_curriculum(cfg: BuildConfig) -> list[CurriculumPhase]:
     """cfg.curriculum as CurriculumPhase tuples, checked before any stage runs (ValueError naming the field)."""
     if not 0 <= cfg.repeat_rows < 1:
         raise ValueError(f"repeat_rows must be in [0, 1); got {cfg.repeat_rows}")
+    if not 0 <= cfg.start_rows < 1 or cfg.repeat_rows + cfg.start_rows >= 1:
+        raise ValueError(f"start_rows must be in [0, 1) with repeat_rows + start_rows < 1; got start_rows "
+                         f"{cfg.start_rows}, repeat_rows {cfg.repeat_rows}")
+    if not 0 <= cfg.ioi_grammar <= 1:
+        raise ValueError(f"ioi_grammar must be in [0, 1]; got {cfg.ioi_grammar}")
     phases = [check_phase(CurriculumPhase(*phase), cfg.pretrain.n_positions) for phase in cfg.curriculum]
     if sum(phase.steps for phase in phases) > cfg.pretrain.steps:
         raise ValueError(f"the curriculum's {sum(p.steps for p in phases)} steps exceed the pretraining steps "
@@ -327,7 +339,8 @@ def _build_tiny(
 
     # 1. corpus
     def corpus() -> tuple[list[str], list[str]]:
-        return (generate_documents(cfg.n_docs, seed, "train"), generate_documents(cfg.n_heldout_docs, seed, "heldout"))
+        return (generate_documents(cfg.n_docs, seed, "train", cfg.ioi_grammar),
+                generate_documents(cfg.n_heldout_docs, seed, "heldout", cfg.ioi_grammar))
 
     train_docs, heldout_docs = stages.run("corpus", corpus)
 
@@ -336,7 +349,7 @@ def _build_tiny(
                                                                model_max_length=ctx))
 
     # 3. tokenize and pack: each row is <|endoftext|> + ctx-1 tokens of the document stream
-    def tokenize() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def tokenize() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         eos = tokenizer.eos_token_id
         starts: list[int] = []
         stream = tokenize_docs(tokenizer, train_docs, starts)
@@ -344,8 +357,17 @@ def _build_tiny(
 
         stream_ids = torch.as_tensor(stream, dtype=torch.long)  # converted once, packed per context below
         stories = pack_stream(stream_ids, ctx, eos)
-        n_repeats = round(cfg.repeat_rows * stories.shape[0] / (1 - cfg.repeat_rows))
+        story_fraction = 1 - cfg.repeat_rows - cfg.start_rows
+        n_repeats = round(cfg.repeat_rows * stories.shape[0] / story_fraction)
         repeats = repeated_token_rows(pool, n_repeats, ctx, seed, eos)
+        n_starts = round(cfg.start_rows * stories.shape[0] / story_fraction)
+        all_starts = document_start_rows(stream, starts, ctx, eos)
+        # a seeded sample of the documents' starts, each used once before any is used again
+        n_passes = math.ceil(n_starts / all_starts.shape[0]) if n_starts else 0
+        generator = torch.Generator().manual_seed(seed + 500)
+        order = torch.cat([torch.randperm(all_starts.shape[0], generator=generator) for _ in range(n_passes)]
+                          or [torch.zeros(0, dtype=torch.long)])
+        start_rows = all_starts[order[:n_starts]]
         # each curriculum phase: one epoch's rows at most, its own seeded repeated sequences and story sample
         phases = []
         for i, phase in enumerate(curriculum):
@@ -362,13 +384,14 @@ def _build_tiny(
             phases.append(torch.cat([text, repeated_token_rows(pool, n_phase_repeats, phase.context,
                                                                seed + 1000 * (i + 1), eos,
                                                                span=curriculum_span(phase.context))]))
-        return stories, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos), phases
+        return stories, start_rows, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos), phases
 
-    story_tokens, repeat_tokens, heldout_tokens, phase_tokens = stages.run("tokenize", tokenize)
-    train_tokens = torch.cat([story_tokens, repeat_tokens])  # pretraining and fine-tuning shuffle the rows
-    logger.info("build-tiny: %d train sequences (%d of story text, %d of repeated tokens; %.2fM tokens), "
-                "%d held-out sequences, vocabulary %d", train_tokens.shape[0], story_tokens.shape[0],
-                repeat_tokens.shape[0], train_tokens.numel() / 1e6, heldout_tokens.shape[0], len(tokenizer))
+    story_tokens, start_tokens, repeat_tokens, heldout_tokens, phase_tokens = stages.run("tokenize", tokenize)
+    train_tokens = torch.cat([story_tokens, start_tokens, repeat_tokens])  # pretraining and fine-tuning shuffle rows
+    logger.info("build-tiny: %d train sequences (%d of story text, %d document starts, %d of repeated tokens; "
+                "%.2fM tokens), %d held-out sequences, vocabulary %d", train_tokens.shape[0], story_tokens.shape[0],
+                start_tokens.shape[0], repeat_tokens.shape[0], train_tokens.numel() / 1e6, heldout_tokens.shape[0],
+                len(tokenizer))
 
     # 4. pretraining (in the work directory; only the model files are shipped)
     pre_dir = work / "pretrain"
@@ -412,6 +435,7 @@ def _build_tiny(
             "train_docs": cfg.n_docs, "heldout_docs": cfg.n_heldout_docs, "tokenizer_docs": cfg.tokenizer_docs,
             "train_tokens": int(train_tokens.numel()), "train_sequences": int(train_tokens.shape[0]),
             "story_sequences": int(story_tokens.shape[0]), "repeat_sequences": int(repeat_tokens.shape[0]),
+            "start_sequences": int(start_tokens.shape[0]), "ioi_grammar": cfg.ioi_grammar,
             "heldout_tokens": int(heldout_tokens.numel()), "heldout_sequences": int(heldout_tokens.shape[0]),
             "context": ctx,
         },

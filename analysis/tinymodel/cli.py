@@ -24,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--position-offsets", action="store_true",
                    help="curriculum rows start at random positions, so short rows train every position embedding")
     p.add_argument("--repeat-rows", type=float, help="fraction of training rows that are repeated random tokens")
+    p.add_argument("--start-rows", type=float,
+                   help="fraction of training rows that are each document's start (as task prompts are)")
+    p.add_argument("--ioi-grammar", type=float,
+                   help="fraction of the corpus's IOI sentences drawn from its grammar instead of the fixed templates")
     p.add_argument("--repeat-pool", choices=("vocab", "words"),
                    help="tokens the repeated rows draw from: the whole vocabulary, or the induction task's word tokens")
     p.add_argument("--pretrain-minutes", type=float, help="safety stop for pretraining")
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         cfg, pretrain=pre,
         n_docs=args.docs if args.docs is not None else cfg.n_docs,
         repeat_rows=args.repeat_rows if args.repeat_rows is not None else cfg.repeat_rows,
+        start_rows=args.start_rows if args.start_rows is not None else cfg.start_rows,
+        ioi_grammar=args.ioi_grammar if args.ioi_grammar is not None else cfg.ioi_grammar,
         curriculum=args.curriculum if args.curriculum is not None else cfg.curriculum,
         repeat_pool=args.repeat_pool or cfg.repeat_pool,
         remove_ln_steps=args.remove_ln_steps if args.remove_ln_steps is not None else cfg.remove_ln_steps,

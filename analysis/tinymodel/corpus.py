@@ -212,6 +212,67 @@ IOI_ENDINGS = (
     ", and then they went home.",
     " before lunch.",
 )
+# A grammar of further IOI sentences (2026-11-24 trials: on the 196 fixed training templates alone the
+# model memorised them, held-out templates peaking at 74% accuracy). Each is an intro naming both
+# characters, an optional name-free sentence, then the repeated subject doing something "to" someone.
+# None of its intros or actions is a held-out one (tests check every rendering against them).
+IOI_SUBORDINATORS = (
+    "When", "After", "While", "Just after", "Because", "Since", "Before", "Right after", "The moment",
+    "Soon after", "Each time", "Now that",
+)
+IOI_OPENERS = (
+    "", "Then,", "Today,", "Yesterday", "One day,", "At noon,", "In the morning,", "That week,", "Later,",
+    "On Monday,", "In the evening,", "Soon,", "After lunch,", "That day,", "Early on,", "This time,",
+)
+IOI_OUTINGS = (
+    "went to the {PLACE}", "arrived at the {PLACE}", "were at the {PLACE}", "visited the {PLACE}",
+    "were playing at the {PLACE}", "walked to the {PLACE}", "met at the {PLACE}", "ran to the {PLACE}",
+    "came home from the {PLACE}", "got to the {PLACE}", "stopped at the {PLACE}", "stayed at the {PLACE}",
+    "looked around the {PLACE}", "found a {OBJECT} at the {PLACE}", "got a {OBJECT} at the {PLACE}",
+    "bought a {OBJECT} at the {PLACE}", "saw a {OBJECT} at the {PLACE}", "made a {OBJECT}",
+    "were working at the {PLACE}", "had fun at the {PLACE}", "went for a walk", "were talking",
+    "played a game", "came back", "were having lunch", "left the {PLACE}", "waited at the {PLACE}",
+)
+IOI_PAIRINGS = (  # intros where the two names are not joined by "and"
+    "{N1} met {N2} at the {PLACE}", "{N1} went to the {PLACE} with {N2}", "{N1} was with {N2} at the {PLACE}",
+    "{N1} played with {N2} at the {PLACE}", "{N1} saw {N2} at the {PLACE}", "{N1} called {N2}",
+)
+IOI_ASIDES = (
+    "It was a sunny day.", "The sun was warm.", "They were very happy.", "It was fun.",
+    "They talked for a while.", "Everyone was busy.", "It started to rain.", "The day was long.",
+)
+IOI_ADVERBS = ("", "", "", "", "then ", "quickly ", "later ", "happily ", "finally ", "also ")
+IOI_GIVINGS = (
+    "gave a {OBJECT}", "gave the {OBJECT}", "handed the {OBJECT}", "handed a {OBJECT}", "showed the {OBJECT}",
+    "threw the {OBJECT}", "brought a {OBJECT}", "offered the {OBJECT}", "sold the {OBJECT}", "sent a letter",
+    "said hello", "read a story", "sang a song", "waved goodbye", "gave the {OBJECT} back",
+    "returned the {OBJECT}", "mailed a card", "sent a gift", "carried the {OBJECT}", "rolled the {OBJECT}",
+    "kicked the {OBJECT}", "said sorry", "told a joke", "explained the game", "sent a {OBJECT}",
+    "gave a present", "showed a picture", "brought the {OBJECT} back", "decided to give the {OBJECT}",
+    "wanted to give a {OBJECT}", "tried to hand the {OBJECT}", "was happy to give a {OBJECT}",
+    "gave a big hug", "sent a message",
+)
+P_IOI_ASIDE = 0.2
+P_IOI_PAIRING = 0.2
+
+
+def ioi_grammar_template(rng: random.Random) -> str:
+    """An IOI template ({N1} {N2} {S2} {PLACE} {OBJECT} slots) from the grammar above."""
+    if rng.random() < P_IOI_PAIRING:
+        clause = _pick(rng, IOI_PAIRINGS)
+    else:
+        clause = "{N1} and {N2} " + _pick(rng, IOI_OUTINGS)
+    if rng.random() < 0.4:
+        intro = f"{_pick(rng, IOI_SUBORDINATORS)} {clause},"
+    else:
+        opener = _pick(rng, IOI_OPENERS)
+        intro = f"{opener} {clause}." if opener else f"{clause[0].upper()}{clause[1:]}."
+        if intro.startswith("{"):  # a template never starts with a name (names are " Name" tokens)
+            intro = "Then, " + intro
+    aside = f" {_pick(rng, IOI_ASIDES)}" if rng.random() < P_IOI_ASIDE else ""
+    return f"{intro}{aside} {{S2}} {_pick(rng, IOI_ADVERBS)}{_pick(rng, IOI_GIVINGS)} to"
+
+
 HISTORY_INTROS = (
     "{X} read a book about history.",
     "The teacher told the class about the past.",
@@ -340,8 +401,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 class _Story:
     """One document being written: its rng and its characters (all pairs are training pairs)."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, ioi_grammar: float = 0.0) -> None:
         self.rng = rng
+        self.ioi_grammar = ioi_grammar
         self.characters: list[str] = []
         self.add_characters(3 if rng.random() < P_THIRD_CHARACTER else 2)
 
@@ -387,7 +449,10 @@ class _Story:
             pair = rng.sample(self.characters, 2)
         io, s = pair if rng.random() < 0.5 else pair[::-1]
         n1, n2 = (io, s) if rng.random() < 0.5 else (s, io)  # ABBA or BABA
-        template = _pick(rng, vocab.TRAIN_IOI_TEMPLATES)
+        if self.ioi_grammar and rng.random() < self.ioi_grammar:
+            template = ioi_grammar_template(rng)
+        else:
+            template = _pick(rng, vocab.TRAIN_IOI_TEMPLATES)
         fill = {
             "N1": n1,
             "N2": n2,
@@ -436,8 +501,8 @@ class _Story:
         return out
 
 
-def _document(rng: random.Random) -> str:
-    story = _Story(rng)
+def _document(rng: random.Random, ioi_grammar: float = 0.0) -> str:
+    story = _Story(rng, ioi_grammar)
     first: list[str] = []
     middle: list[list[str]] = [story.story_sentences(rng.randint(1, 3))]
     if rng.random() < P_IOI:
@@ -470,18 +535,24 @@ def _rng(seed: int, split: str) -> random.Random:
     return random.Random(f"lnscope-corpus/{split}/{int(seed)}")
 
 
-def iter_documents(n_docs: int | None, seed: int, split: str = "train") -> Iterator[str]:
-    """Yield `n_docs` documents (endlessly if None) from the seeded stream of `split`."""
+def iter_documents(n_docs: int | None, seed: int, split: str = "train", ioi_grammar: float = 0.0) -> Iterator[str]:
+    """Yield `n_docs` documents (endlessly if None) from the seeded stream of `split`.
+
+    `ioi_grammar`: the fraction of IOI sentences drawn from the grammar (ioi_grammar_template) rather than
+    the fixed training templates (0: the shipped trio's corpus).
+    """
+    if not 0 <= ioi_grammar <= 1:
+        raise ValueError(f"ioi_grammar must be in [0, 1]; got {ioi_grammar}")
     rng = _rng(seed, split)
     count = 0
     while n_docs is None or count < n_docs:
-        yield _document(rng)
+        yield _document(rng, ioi_grammar)
         count += 1
 
 
-def generate_documents(n_docs: int, seed: int, split: str = "train") -> list[str]:
-    """`n_docs` documents; the same (n_docs, seed, split) always gives the same list."""
-    docs = list(iter_documents(n_docs, seed, split))
+def generate_documents(n_docs: int, seed: int, split: str = "train", ioi_grammar: float = 0.0) -> list[str]:
+    """`n_docs` documents; the same (n_docs, seed, split, ioi_grammar) always gives the same list."""
+    docs = list(iter_documents(n_docs, seed, split, ioi_grammar))
     logger.debug("generated %d %s documents (seed %d)", len(docs), split, seed)
     return docs
 

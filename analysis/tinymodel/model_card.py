@@ -58,6 +58,14 @@ def render_model_card(m: dict[str, Any]) -> str:
         f", plus {n_repeat:,} rows of repeated random sequences of {pool_text}\n(`corpus.repeated_token_rows`: "
         f"sequences of {lo}-{hi} distinct tokens said two or three times, the induction task's format with\n"
         "fresh draws)" if n_repeat else "")
+    n_start = data.get("start_sequences", 0)
+    start_note = (f", {n_start:,} rows of each document's first tokens\n(`document_start_rows`: most documents "
+                  "open with an IOI sentence, as the task prompts do)" if n_start else "")
+    grammar = data.get("ioi_grammar", 0.0)
+    ioi_text = ("IOI-style sentences (training templates and name pairs only)" if not grammar else
+                f"IOI-style sentences ({1 - grammar:.0%} from the training templates, {grammar:.0%} from a grammar "
+                "of\nfurther intros and actions, `corpus.ioi_grammar_template`, none of them held out; training name "
+                "pairs only)")
     position_note = (" position embeddings initialised to a sin/cos table,"
                      if pre.get("position_init") == "sinusoidal" else "")
     phases = pre.get("curriculum") or []
@@ -105,8 +113,8 @@ exactly like the published GPT-2 checkpoints.
 ## Data
 
 A seeded synthetic corpus (`{data['generator']}`): simple English stories that also contain
-IOI-style sentences (training templates and name pairs only), year spans, repeated word
-sequences and simple facts. {data['train_docs']:,} training documents{repeat_note}
+{ioi_text}, year spans, repeated word
+sequences and simple facts. {data['train_docs']:,} training documents{start_note}{repeat_note}
 ({data['train_tokens']:,} tokens in {data['train_sequences']:,} sequences of {data['context']}),
 {data['heldout_docs']:,} held-out documents from a separate seed stream
 ({data['heldout_tokens']:,} tokens) for cross-entropy. Task prompts below use held-out
