@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import time
@@ -94,13 +95,16 @@ def test_ioi_grammar_varies_templates_and_never_renders_a_heldout_clause():
     heldout = [vocab.template_regex(c) for c in vocab.HELDOUT_IOI_INTROS + vocab.HELDOUT_IOI_ACTIONS]
     for template in templates:
         assert template.endswith(" to") and not template.startswith("{"), template
+        assert not re.search(r", [A-Z]", template), template  # no sentence after a subordinate clause
         assert [template.count("{" + slot + "}") for slot in ("N1", "N2", "S2")] == [1, 1, 1], template
         assert template.index("{S2}") > max(template.index("{N1}"), template.index("{N2}")), template
         text = template.format(N1="Mary", N2="John", S2="John", PLACE="store", OBJECT="ball")
         assert not any(r.search(text) for r in heldout), template
     grammar_docs = generate_documents(600, seed=0, ioi_grammar=1.0)
     assert grammar_docs != generate_documents(600, seed=0)
-    assert generate_documents(50, seed=0, ioi_grammar=0.0) == generate_documents(50, seed=0)
+    # at 0 the corpus is the one the shipped trio was built from (digest of the documents before the grammar existed)
+    plain = "\x00".join(generate_documents(50, seed=0, ioi_grammar=0.0)).encode()
+    assert hashlib.sha256(plain).hexdigest() == "af4546a0e1b1834d52b55f0209fe743ababc70fd0e1a84f75d1c6a71385b26ea"
     text = "\n".join(grammar_docs)
     for clause in vocab.HELDOUT_IOI_INTROS + vocab.HELDOUT_IOI_ACTIONS:
         assert not vocab.template_regex(clause).search(text), clause

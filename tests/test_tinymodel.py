@@ -75,7 +75,8 @@ def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path):
     data = metrics["data"]
     assert data["start_sequences"] == round(0.1 * data["story_sequences"] / (1 - 0.1 - cfg.repeat_rows))
     assert data["train_sequences"] == data["story_sequences"] + data["start_sequences"] + data["repeat_sequences"]
-    assert data["ioi_grammar"] == 0.5 and "50% from a grammar" in card and "each document's first tokens" in card
+    assert data["ioi_grammar"] == 0.5 and "a fraction 0.5 of them from a grammar" in card
+    assert f"{data['start_sequences']:,} rows of documents' first tokens" in card
     # the shipped LN-free twin meets the foundation bars
     result = check_model(ModelSource(path=out / "ln_free"), "ln_free", device="cpu", dtype="float64")
     assert result.max_rel_logit_error < 1e-6 and result.dla_sum_rel_error < 1e-6 and result.hook_scale_hooks == 0
@@ -183,7 +184,24 @@ def test_document_start_rows():
         [0, 5, 6, 7, 8, 9, 0], [0, 10, 11, 0, 12, 13, 14]]  # the last document cannot fill a row of 7
 
 
-def test_curriculum_is_checked_before_any_stage(tmp_path):
+def test_sample_rows_uses_each_row_once_per_pass():
+    from analysis.tinymodel.build import sample_rows
+
+    rows = torch.arange(10).reshape(5, 2)
+    assert sample_rows(rows, 0, seed=0).shape == (0, 2)
+    three = sample_rows(rows, 3, seed=0)
+    assert len({tuple(r) for r in three.tolist()}) == 3  # a part of one pass: no row twice
+    twelve = sample_rows(rows, 12, seed=0).tolist()
+    counts = [twelve.count(r) for r in rows.tolist()]
+    assert sorted(counts) == [2, 2, 2, 3, 3] and all(r in rows.tolist() for r in twelve)
+    assert sorted(twelve[:5]) == rows.tolist() == sorted(twelve[5:10])
+    assert torch.equal(sample_rows(rows, 12, seed=0), sample_rows(rows, 12, seed=0))
+    assert not torch.equal(sample_rows(rows, 12, seed=0), sample_rows(rows, 12, seed=1))
+    with pytest.raises(ValueError, match="from none"):
+        sample_rows(rows[:0], 1, seed=0)
+
+
+def test_build_config_is_checked_before_any_stage(tmp_path):
     from analysis.tinymodel.build import CurriculumPhase
 
     cfg = micro_config()

@@ -77,9 +77,10 @@ class BuildConfig:
     # 0.25 with 5000 x 16 steps, lr 3e-3 and sinusoidal position init had formed no induction heads by
     # step 4000 (2026-11-23 trial)
     repeat_rows: float = 0.0
-    # fraction of training rows that are each document's first tokens (document_start_rows, where 60% of
-    # documents open with an IOI sentence, as the task prompts do), in [0, 1) with repeat_rows + start_rows < 1.
-    # These rows also feed the LN-removal fine-tuning, so the LN-free model and the control keep what they teach
+    # fraction of the full-length training rows that are documents' first tokens (a seeded sample of
+    # document_start_rows; most documents open with an IOI sentence, as the task prompts do), in [0, 1) with
+    # repeat_rows + start_rows < 1. These rows also feed the LN-removal fine-tuning, so the LN-free model and the
+    # control keep what they teach
     start_rows: float = 0.0
     # fraction of the corpus's IOI sentences drawn from corpus.ioi_grammar_template instead of the fixed
     # training templates (corpus.generate_documents' ioi_grammar); 0 is the shipped trio's corpus
@@ -149,6 +150,16 @@ def document_start_rows(stream: list[int], starts: list[int], context: int, bos_
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context)
 
 
+def sample_rows(rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n of `rows` [N, ctx]: seeded permutations of the N rows, one after another, cut at n, so each row is used
+    floor(n / N) or ceil(n / N) times."""
+    if n and not rows.shape[0]:
+        raise ValueError(f"cannot sample {n} rows from none")
+    generator = torch.Generator().manual_seed(seed)
+    passes = [torch.randperm(rows.shape[0], generator=generator) for _ in range(math.ceil(n / max(1, rows.shape[0])))]
+    return rows[torch.cat(passes)[:n]] if passes else rows[:0]
+
+
 def check_phase(phase: CurriculumPhase, n_positions: int | None = None) -> CurriculumPhase:
     """`phase` if its fields are in range (context up to n_positions when given), else ValueError."""
     if phase.text not in CURRICULUM_TEXTS or not 0 <= phase.repeat_fraction <= 1:
@@ -160,8 +171,9 @@ def check_phase(phase: CurriculumPhase, n_positions: int | None = None) -> Curri
     return phase
 
 
-def check_curriculum(cfg: BuildConfig) -> list[CurriculumPhase]:
-    """cfg.curriculum as CurriculumPhase tuples, checked before any stage runs (ValueError naming the field)."""
+def check_config(cfg: BuildConfig) -> list[CurriculumPhase]:
+    """Check the row fractions, the IOI grammar fraction and the curriculum before any stage runs (ValueError
+    naming the field); returns cfg.curriculum as CurriculumPhase tuples."""
     if not 0 <= cfg.repeat_rows < 1:
         raise ValueError(f"repeat_rows must be in [0, 1); got {cfg.repeat_rows}")
     if not 0 <= cfg.start_rows < 1 or cfg.repeat_rows + cfg.start_rows >= 1:
@@ -323,7 +335,7 @@ def _build_tiny(
     cfg = dataclasses.replace(cfg, seed=seed, pretrain=dataclasses.replace(cfg.pretrain, seed=seed))
     if budget is not None:
         cfg.pretrain.time_budget_minutes = budget
-    curriculum = check_curriculum(cfg)
+    curriculum = check_config(cfg)
     cfg.pretrain.curriculum = tuple((phase.context, phase.steps) for phase in curriculum)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -361,13 +373,8 @@ def _build_tiny(
         n_repeats = round(cfg.repeat_rows * stories.shape[0] / story_fraction)
         repeats = repeated_token_rows(pool, n_repeats, ctx, seed, eos)
         n_starts = round(cfg.start_rows * stories.shape[0] / story_fraction)
-        all_starts = document_start_rows(stream, starts, ctx, eos)
-        # a seeded sample of the documents' starts, each used once before any is used again
-        n_passes = math.ceil(n_starts / all_starts.shape[0]) if n_starts else 0
-        generator = torch.Generator().manual_seed(seed + 500)
-        order = torch.cat([torch.randperm(all_starts.shape[0], generator=generator) for _ in range(n_passes)]
-                          or [torch.zeros(0, dtype=torch.long)])
-        start_rows = all_starts[order[:n_starts]]
+        start_sample = (sample_rows(document_start_rows(stream, starts, ctx, eos), n_starts, seed + 500) if n_starts
+                        else stories[:0])
         # each curriculum phase: one epoch's rows at most, its own seeded repeated sequences and story sample
         phases = []
         for i, phase in enumerate(curriculum):
@@ -384,7 +391,7 @@ def _build_tiny(
             phases.append(torch.cat([text, repeated_token_rows(pool, n_phase_repeats, phase.context,
                                                                seed + 1000 * (i + 1), eos,
                                                                span=curriculum_span(phase.context))]))
-        return stories, start_rows, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos), phases
+        return stories, start_sample, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos), phases
 
     story_tokens, start_tokens, repeat_tokens, heldout_tokens, phase_tokens = stages.run("tokenize", tokenize)
     train_tokens = torch.cat([story_tokens, start_tokens, repeat_tokens])  # pretraining and fine-tuning shuffle rows

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="curriculum rows start at random positions, so short rows train every position embedding")
     p.add_argument("--repeat-rows", type=float, help="fraction of training rows that are repeated random tokens")
     p.add_argument("--start-rows", type=float,
-                   help="fraction of training rows that are each document's start (as task prompts are)")
+                   help="fraction of the full-length training rows that are documents' starts (as task prompts are)")
     p.add_argument("--ioi-grammar", type=float,
                    help="fraction of the corpus's IOI sentences drawn from its grammar instead of the fixed templates")
     p.add_argument("--repeat-pool", choices=("vocab", "words"),

@@ -2,7 +2,8 @@
 and induction.
 
 Each document is a short TinyStories-like story (60-200 words) with, at high rates:
-- IOI sentences from the *training* IOI templates and *training* name pairs (ABBA and BABA,
+- IOI sentences from the *training* IOI templates (or, with `ioi_grammar`, from a grammar of
+  further intros and actions, none held out) and *training* name pairs (ABBA and BABA,
   which name is the subject is random), e.g. "When Mary and John went to the store, John gave
   a drink to Mary." Every pair of names that occurs together in a document is a training pair.
 - year spans from the *training* greater-than templates, end > start, same century, and the
@@ -217,11 +218,11 @@ IOI_ENDINGS = (
 # characters, an optional name-free sentence, then the repeated subject doing something "to" someone.
 # None of its intros or actions is a held-out one (tests check every rendering against them).
 IOI_SUBORDINATORS = (
-    "When", "After", "While", "Just after", "Because", "Since", "Before", "Right after", "The moment",
-    "Soon after", "Each time", "Now that",
+    "When", "After", "Just after", "Because", "Since", "Before", "Right after", "The moment", "Soon after",
+    "Each time",
 )
 IOI_OPENERS = (
-    "", "Then,", "Today,", "Yesterday", "One day,", "At noon,", "In the morning,", "That week,", "Later,",
+    "Then,", "Today,", "Yesterday", "One day,", "At noon,", "In the morning,", "That week,", "Later,",
     "On Monday,", "In the evening,", "Soon,", "After lunch,", "That day,", "Early on,", "This time,",
 )
 IOI_OUTINGS = (
@@ -242,18 +243,22 @@ IOI_ASIDES = (
     "They talked for a while.", "Everyone was busy.", "It started to rain.", "The day was long.",
 )
 IOI_ADVERBS = ("", "", "", "", "then ", "quickly ", "later ", "happily ", "finally ", "also ")
-IOI_GIVINGS = (
+IOI_GIVINGS = (  # each may follow an adverb
     "gave a {OBJECT}", "gave the {OBJECT}", "handed the {OBJECT}", "handed a {OBJECT}", "showed the {OBJECT}",
     "threw the {OBJECT}", "brought a {OBJECT}", "offered the {OBJECT}", "sold the {OBJECT}", "sent a letter",
     "said hello", "read a story", "sang a song", "waved goodbye", "gave the {OBJECT} back",
     "returned the {OBJECT}", "mailed a card", "sent a gift", "carried the {OBJECT}", "rolled the {OBJECT}",
     "kicked the {OBJECT}", "said sorry", "told a joke", "explained the game", "sent a {OBJECT}",
-    "gave a present", "showed a picture", "brought the {OBJECT} back", "decided to give the {OBJECT}",
-    "wanted to give a {OBJECT}", "tried to hand the {OBJECT}", "was happy to give a {OBJECT}",
-    "gave a big hug", "sent a message",
+    "gave a present", "showed a picture", "brought the {OBJECT} back", "gave a big hug", "sent a message",
 )
-P_IOI_ASIDE = 0.2
+IOI_INTENTS = (  # never after an adverb
+    "decided to give the {OBJECT}", "wanted to give a {OBJECT}", "tried to hand the {OBJECT}",
+    "was happy to give a {OBJECT}",
+)
+P_IOI_SUBORDINATE = 0.4  # "When {N1} and {N2} ..., {S2} ..." rather than two sentences
+P_IOI_ASIDE = 0.2  # a name-free sentence between two-sentence intros and the action
 P_IOI_PAIRING = 0.2
+P_IOI_INTENT = 0.1
 
 
 def ioi_grammar_template(rng: random.Random) -> str:
@@ -262,15 +267,18 @@ def ioi_grammar_template(rng: random.Random) -> str:
         clause = _pick(rng, IOI_PAIRINGS)
     else:
         clause = "{N1} and {N2} " + _pick(rng, IOI_OUTINGS)
-    if rng.random() < 0.4:
+    # every clause starts with a name, so an intro always opens with a word (names are " Name" tokens)
+    if rng.random() < P_IOI_SUBORDINATE:
         intro = f"{_pick(rng, IOI_SUBORDINATORS)} {clause},"
     else:
-        opener = _pick(rng, IOI_OPENERS)
-        intro = f"{opener} {clause}." if opener else f"{clause[0].upper()}{clause[1:]}."
-        if intro.startswith("{"):  # a template never starts with a name (names are " Name" tokens)
-            intro = "Then, " + intro
-    aside = f" {_pick(rng, IOI_ASIDES)}" if rng.random() < P_IOI_ASIDE else ""
-    return f"{intro}{aside} {{S2}} {_pick(rng, IOI_ADVERBS)}{_pick(rng, IOI_GIVINGS)} to"
+        intro = f"{_pick(rng, IOI_OPENERS)} {clause}."
+        if rng.random() < P_IOI_ASIDE:
+            intro += f" {_pick(rng, IOI_ASIDES)}"
+    if rng.random() < P_IOI_INTENT:
+        action = _pick(rng, IOI_INTENTS)
+    else:
+        action = _pick(rng, IOI_ADVERBS) + _pick(rng, IOI_GIVINGS)
+    return f"{intro} {{S2}} {action} to"
 
 
 HISTORY_INTROS = (
@@ -441,7 +449,8 @@ class _Story:
         return self.render(_pick(self.rng, ENDINGS))
 
     def ioi_sentence(self) -> str:
-        """A training-template IOI sentence completed with the indirect object."""
+        """An IOI sentence completed with the indirect object: a training template, or with probability
+        ioi_grammar one from the grammar (ioi_grammar_template); never a held-out intro or action."""
         rng = self.rng
         if rng.random() < P_NEW_IOI_NAMES:
             pair = self.add_characters(2)

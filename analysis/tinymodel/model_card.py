@@ -59,13 +59,13 @@ def render_model_card(m: dict[str, Any]) -> str:
         f"sequences of {lo}-{hi} distinct tokens said two or three times, the induction task's format with\n"
         "fresh draws)" if n_repeat else "")
     n_start = data.get("start_sequences", 0)
-    start_note = (f", {n_start:,} rows of each document's first tokens\n(`document_start_rows`: most documents "
-                  "open with an IOI sentence, as the task prompts do)" if n_start else "")
+    start_note = (f", {n_start:,} rows of documents' first tokens\n(a seeded sample of `document_start_rows`: most "
+                  "documents open with an IOI sentence, as the task prompts do)" if n_start else "")
     grammar = data.get("ioi_grammar", 0.0)
     ioi_text = ("IOI-style sentences (training templates and name pairs only)" if not grammar else
-                f"IOI-style sentences ({1 - grammar:.0%} from the training templates, {grammar:.0%} from a grammar "
-                "of\nfurther intros and actions, `corpus.ioi_grammar_template`, none of them held out; training name "
-                "pairs only)")
+                f"IOI-style sentences (a fraction {grammar:g} of them from a grammar of further intros and actions,\n"
+                "`corpus.ioi_grammar_template`, the rest from the training templates; none held out; training name "
+                "pairs only;\nthe held-out documents are drawn the same way)")
     position_note = (" position embeddings initialised to a sin/cos table,"
                      if pre.get("position_init") == "sinusoidal" else "")
     phases = pre.get("curriculum") or []
