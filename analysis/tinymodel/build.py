@@ -15,6 +15,7 @@ are fixed, so a build is reproducible; the stage time budgets are safety stops o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -368,18 +369,23 @@ def _build_tiny(
         pool = repeat_pool(tokenizer, cfg.repeat_pool)
 
         stream_ids = torch.as_tensor(stream, dtype=torch.long)  # converted once, packed per context below
-        stories = pack_stream(stream_ids, ctx, eos)
+
+        @functools.cache
+        def text_rows(text: str, context: int) -> torch.Tensor:
+            """The story text as rows of `context` tokens: the packed stream, or each document's start."""
+            return (pack_stream(stream_ids, context, eos) if text == "stream"
+                    else document_start_rows(stream, starts, context, eos))
+
+        stories = text_rows("stream", ctx)
         story_fraction = 1 - cfg.repeat_rows - cfg.start_rows
         n_repeats = round(cfg.repeat_rows * stories.shape[0] / story_fraction)
         repeats = repeated_token_rows(pool, n_repeats, ctx, seed, eos)
         n_starts = round(cfg.start_rows * stories.shape[0] / story_fraction)
-        start_sample = (sample_rows(document_start_rows(stream, starts, ctx, eos), n_starts, seed + 500) if n_starts
-                        else stories[:0])
+        start_sample = sample_rows(text_rows("starts", ctx), n_starts, seed + 500) if n_starts else stories[:0]
         # each curriculum phase: one epoch's rows at most, its own seeded repeated sequences and story sample
         phases = []
         for i, phase in enumerate(curriculum):
-            text = (pack_stream(stream_ids, phase.context, eos) if phase.text == "stream"
-                    else document_start_rows(stream, starts, phase.context, eos))
+            text = text_rows(phase.text, phase.context)
             needed = phase.steps * curriculum_batch_size(cfg.pretrain, phase.context)
             if phase.repeat_fraction >= 1:
                 text, n_phase_repeats = text[:0], needed

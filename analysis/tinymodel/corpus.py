@@ -213,8 +213,10 @@ IOI_ENDINGS = (
     ", and then they went home.",
     " before lunch.",
 )
-# A grammar of further IOI sentences (2026-11-24 trials: on the 196 fixed training templates alone the
-# model memorised them, held-out templates peaking at 74% accuracy). Each is an intro naming both
+# A grammar of further IOI sentences (2026-11-24 trials: on the 196 fixed training templates alone a
+# context-32 model memorised them, held-out templates peaking at 74% accuracy; at context 128 with start
+# rows the grammar gave the same held-out accuracy as the templates, so its benefit is not established).
+# Each is an intro naming both
 # characters, an optional name-free sentence, then the repeated subject doing something "to" someone.
 # None of its intros or actions is a held-out one (tests check every rendering against them).
 IOI_SUBORDINATORS = (
