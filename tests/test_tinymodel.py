@@ -53,9 +53,16 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(docs, tokenizer,
     assert AutoTokenizer.from_pretrained(tmp_path / "m").get_vocab() == tokenizer.get_vocab()
 
 
-def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path):
+def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path, monkeypatch):
+    import analysis.tinymodel.corpus as corpus_module
+
     cfg = dataclasses.replace(micro_config(), remove_ln_steps=40)
+    repeat_calls, real_repeats = [], corpus_module.repeated_token_rows
+    monkeypatch.setattr(corpus_module, "repeated_token_rows", lambda pool, n, context, seed, bos, span: (
+        repeat_calls.append((context, span)) or real_repeats(pool, n, context, seed, bos, span=span)))
     metrics = build_tiny(tmp_path / "tiny", config=cfg, work_dir=tmp_path / "work", progress=False)
+    # full rows, then each phase: the spans asked for, else 3 to 2/5 of the phase's row
+    assert repeat_calls == [(64, (4, 20)), (16, (3, 6)), (16, (2, 7)), (16, (3, 6))]
     out = tmp_path / "tiny"
     for role in ("original", "ln_free", "control"):
         files = {p.name for p in (out / role).iterdir()}
@@ -67,7 +74,9 @@ def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path):
     assert json.loads((out / "build_metrics.json").read_text())["checks"] == metrics["checks"]
     phases = metrics["pretrain"]["curriculum"]  # the micro build runs the context curriculum too
     assert [(p["context"], p["repeat_fraction"], p["steps"], p["text"], p["repeat_span"]) for p in phases] == [
-        (16, 1.0, 3, "stream", [3, 6]), (16, 0.5, 2, "stream", [3, 6]), (16, 0.5, 2, "starts", [3, 6])]
+        (16, 1.0, 3, "stream", [3, 6]), (16, 0.5, 2, "stream", [2, 7]), (16, 0.5, 2, "starts", [3, 6])]
+    assert metrics["pretrain"]["repeat_span"] == [4, 20] and "sequences of 4-20 distinct tokens" in card
+    assert "50% of rows repeated (2-7-token sequences)" in card
     assert "| pre-training, phase 1 | 3 | 32 x 16 | context curriculum: repeated rows only" in card
     assert "each document's start" in card and "| pre-training, full rows | 13 | 8 x 64 |" in card
     assert set(metrics["eval"]) == {"original", "control", "ln_free"}
@@ -148,13 +157,22 @@ def test_context_curriculum_runs_its_phases_in_order(docs, tokenizer, tmp_path, 
 def test_curriculum_option_parses():
     import argparse
 
-    from analysis.tinymodel.cli import parse_curriculum
+    from analysis.tinymodel.cli import parse_curriculum, parse_span
 
-    assert parse_curriculum("32:1.0:300,32:0.5:700:starts") == ((32, 1.0, 300, "stream"), (32, 0.5, 700, "starts"))
+    assert parse_curriculum("32:1.0:300,32:0.5:700:starts") == ((32, 1.0, 300, "stream", None),
+                                                                 (32, 0.5, 700, "starts", None))
+    assert parse_curriculum("128:0.25:500:starts:20-50,64:0.5:10:3-25") == (
+        (128, 0.25, 500, "starts", (20, 50)), (64, 0.5, 10, "stream", (3, 25)))
     assert parse_curriculum("none") == () == parse_curriculum("")
-    for bad in ("32:1.0", "32:1.5:10", "x:0.5:10", "32:0.5:10:middles", "32:0.5:10:starts:x"):
+    assert parse_span("3-50") == (3, 50)
+    for bad in ("32:1.0", "32:1.5:10", "x:0.5:10", "32:0.5:10:middles", "32:0.5:10:starts:x", "32:0.5:10:3-x",
+                "32:0.5:10:3-12:starts", "32:0.5:10:starts:3-12:x", "32:0.5:10:1-12", "32:0.5:10:20-12",
+                "32:0.5:10:3-32"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_curriculum(bad)
+    for bad in ("3", "3-", "-3", "a-b", "3-5-7"):
+        with pytest.raises(argparse.ArgumentTypeError, match="LO-HI"):
+            parse_span(bad)
 
 
 def test_repeat_pool(tokenizer):
@@ -214,6 +232,9 @@ def test_build_config_is_checked_before_any_stage(tmp_path):
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 1.5, 2),)), "repeat_fraction"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 2, "middles"),)), "text must be one of"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 30),)), "exceed the pretraining steps"),
+        (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 2, span=(3, 16)),)), "span must be LO-HI"),
+        (dataclasses.replace(cfg, repeat_span=(1, 20)), "repeat_span must be LO-HI"),
+        (dataclasses.replace(cfg, repeat_span=(30, 20)), "repeat_span must be LO-HI"),
     ]
     for config, message in bad:
         with pytest.raises(ValueError, match=message):

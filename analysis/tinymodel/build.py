@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from analysis.tinymodel.corpus import REPEAT_ROW_SPAN
 from analysis.tinymodel.pretrain import PretrainConfig, curriculum_batch_size, mean_ce, pack_stream, pretrain
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,12 @@ class CurriculumPhase(NamedTuple):
     repeat_fraction: float
     steps: int
     text: str = "stream"
+    span: tuple[int, int] | None = None  # (LO, HI) tokens per repeated sequence; None: curriculum_span(context)
+
+    @property
+    def repeat_span(self) -> tuple[int, int]:
+        """Lengths of this phase's repeated sequences (its span, else 3 to 2/5 of the row)."""
+        return (int(self.span[0]), int(self.span[1])) if self.span is not None else curriculum_span(self.context)
 
 
 CURRICULUM_TEXTS = ("stream", "starts")
@@ -91,6 +98,10 @@ class BuildConfig:
     # "words" (1356 of 2578 tokens), or 100 of them, the loss stayed at ln(pool) to step 200, untied
     # embeddings too; with "vocab" the repeated half's loss fell from step ~100 (5.5 vs 8.2 at step 200)
     repeat_pool: str = "vocab"
+    # (LO, HI): tokens per repeated sequence in the full-length repeated rows. Induction works at the distances
+    # it was trained on: a sequence of n tokens said twice trains copying from n tokens back (2026-11-24 probes:
+    # trained on 3-12 tokens at context 32, the repeated copy's loss was 0.81 nats 8 back and 12.5 at 16 back)
+    repeat_span: tuple[int, int] = REPEAT_ROW_SPAN
     # the context curriculum before the full-length rows: CurriculumPhase(context, repeat_fraction, steps,
     # text) per phase (PretrainConfig.curriculum). Repeated rows' spans are 3 to 2/5 of the row; a
     # repeat_fraction of 1.0 means repeated rows only. The defaults are the shipped trio's (no curriculum,
@@ -121,8 +132,9 @@ def micro_config(seed: int = 0) -> BuildConfig:
         pretrain=PretrainConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, steps=20, batch_size=8,
                                 warmup_steps=2, eval_every=0, eval_sequences=8, log_every=5, seed=seed,
                                 position_init="sinusoidal"),
-        repeat_rows=0.1, start_rows=0.1, ioi_grammar=0.5,
-        curriculum=(CurriculumPhase(16, 1.0, 3), CurriculumPhase(16, 0.5, 2), CurriculumPhase(16, 0.5, 2, "starts")),
+        repeat_rows=0.1, start_rows=0.1, ioi_grammar=0.5, repeat_span=(4, 20),
+        curriculum=(CurriculumPhase(16, 1.0, 3), CurriculumPhase(16, 0.5, 2, span=(2, 7)),
+                    CurriculumPhase(16, 0.5, 2, "starts")),
         remove_ln_steps=None, remove_ln_batch_size=4, eval_prompts=8, induction_half_len=10,
     )
 
@@ -169,7 +181,19 @@ def check_phase(phase: CurriculumPhase, n_positions: int | None = None) -> Curri
     if phase.context < 2 or (n_positions is not None and phase.context > n_positions) or phase.steps < 0:
         raise ValueError(f"curriculum phase {phase}: context must be in [2, {n_positions or 'n_positions'}] "
                          "and steps >= 0")
+    if phase.span is not None:
+        check_span(phase.span, phase.context, f"curriculum phase {phase}: span")
     return phase
+
+
+def check_span(span: tuple[int, int], context: int, name: str) -> tuple[int, int]:
+    """`span` if it is (LO, HI) with 2 <= LO <= HI <= context - 1 (a sequence fits in a row after <|endoftext|>),
+    else ValueError naming `name`."""
+    lo, hi = span
+    if not 2 <= lo <= hi <= context - 1:
+        raise ValueError(f"{name} must be LO-HI with 2 <= LO <= HI <= {context - 1} (the row's context minus "
+                         f"one); got {lo}-{hi}")
+    return span
 
 
 def check_config(cfg: BuildConfig) -> list[CurriculumPhase]:
@@ -182,6 +206,7 @@ def check_config(cfg: BuildConfig) -> list[CurriculumPhase]:
                          f"{cfg.start_rows}, repeat_rows {cfg.repeat_rows}")
     if not 0 <= cfg.ioi_grammar <= 1:
         raise ValueError(f"ioi_grammar must be in [0, 1]; got {cfg.ioi_grammar}")
+    check_span(cfg.repeat_span, cfg.pretrain.n_positions, "repeat_span")
     phases = [check_phase(CurriculumPhase(*phase), cfg.pretrain.n_positions) for phase in cfg.curriculum]
     if sum(phase.steps for phase in phases) > cfg.pretrain.steps:
         raise ValueError(f"the curriculum's {sum(p.steps for p in phases)} steps exceed the pretraining steps "
@@ -328,7 +353,7 @@ def _build_tiny(
     strict: bool = False,
 ) -> dict[str, Any]:
     from analysis.remove_ln import RemoveLNConfig, remove_layernorm
-    from analysis.tinymodel.corpus import REPEAT_ROW_SPAN, generate_documents, repeated_token_rows
+    from analysis.tinymodel.corpus import generate_documents, repeated_token_rows
     from analysis.tinymodel.model_card import write_model_card
     from analysis.tinymodel.tokenizer import train_tokenizer
 
@@ -379,7 +404,7 @@ def _build_tiny(
         stories = text_rows("stream", ctx)
         story_fraction = 1 - cfg.repeat_rows - cfg.start_rows
         n_repeats = round(cfg.repeat_rows * stories.shape[0] / story_fraction)
-        repeats = repeated_token_rows(pool, n_repeats, ctx, seed, eos)
+        repeats = repeated_token_rows(pool, n_repeats, ctx, seed, eos, span=cfg.repeat_span)
         n_starts = round(cfg.start_rows * stories.shape[0] / story_fraction)
         start_sample = sample_rows(text_rows("starts", ctx), n_starts, seed + 500) if n_starts else stories[:0]
         # each curriculum phase: one epoch's rows at most, its own seeded repeated sequences and story sample
@@ -396,7 +421,7 @@ def _build_tiny(
                 n_phase_repeats = round(phase.repeat_fraction * keep / (1 - phase.repeat_fraction))
             phases.append(torch.cat([text, repeated_token_rows(pool, n_phase_repeats, phase.context,
                                                                seed + 1000 * (i + 1), eos,
-                                                               span=curriculum_span(phase.context))]))
+                                                               span=phase.repeat_span)]))
         return stories, start_sample, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos), phases
 
     story_tokens, start_tokens, repeat_tokens, heldout_tokens, phase_tokens = stages.run("tokenize", tokenize)
@@ -458,10 +483,11 @@ def _build_tiny(
                      "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr,
                      "position_init": cfg.pretrain.position_init,
                      "repeat_pool": cfg.repeat_pool,
+                     "repeat_span": list(cfg.repeat_span),
                      "curriculum_position_offsets": cfg.pretrain.curriculum_position_offsets,
                      "curriculum": [{"context": phase.context, "repeat_fraction": phase.repeat_fraction,
                                      "steps": phase.steps, "text": phase.text, "sequences": int(rows.shape[0]),
-                                     "repeat_span": list(curriculum_span(phase.context)),
+                                     "repeat_span": list(phase.repeat_span),
                                      "batch_size": curriculum_batch_size(cfg.pretrain, phase.context)}
                                     for phase, rows in zip(curriculum, phase_tokens)]},
         "remove_ln": {"steps": rl.schedule.total_steps, "schedule": rl.schedule.to_dict(),

@@ -16,14 +16,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", type=int, help="training documents")
     p.add_argument("--steps", type=int, help="pretraining steps")
     p.add_argument("--batch-size", type=int, help="pretraining batch size (sequences)")
-    p.add_argument("--curriculum", type=parse_curriculum, metavar="CTX:FRACTION:STEPS[:TEXT],...",
-                   help="context curriculum before the full-length rows, e.g. 32:1.0:300,32:0.5:700:starts (STEPS "
-                        "steps on rows of CTX tokens, FRACTION of them repeated random tokens, the rest story text: "
-                        "TEXT 'stream' (the packed stream, the default) or 'starts' (each document's start)); "
-                        "'none': off")
+    p.add_argument("--curriculum", type=parse_curriculum, metavar="CTX:FRACTION:STEPS[:TEXT][:LO-HI],...",
+                   help="context curriculum before the full-length rows, e.g. 32:1.0:300,32:0.5:700:starts:3-12 "
+                        "(STEPS steps on rows of CTX tokens, FRACTION of them repeated random sequences of LO-HI "
+                        "tokens (default 3 to 2/5 of CTX), the rest story text: TEXT 'stream' (the packed stream, the "
+                        "default) or 'starts' (each document's start)); 'none': off")
     p.add_argument("--position-offsets", action="store_true",
                    help="curriculum rows start at random positions, so short rows train every position embedding")
     p.add_argument("--repeat-rows", type=float, help="fraction of training rows that are repeated random tokens")
+    p.add_argument("--repeat-span", type=parse_span, metavar="LO-HI",
+                   help="tokens per repeated sequence in the full-length repeated rows (induction is learned at "
+                        "the distances it is trained on)")
     p.add_argument("--start-rows", type=float,
                    help="fraction of the full-length training rows that are documents' starts (as task prompts are)")
     p.add_argument("--ioi-grammar", type=float,
@@ -39,9 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def parse_span(text: str) -> tuple[int, int]:
+    """"3-50" -> (3, 50); the bounds against a context are checked by the build."""
+    lo, sep, hi = text.partition("-")
+    if not (sep and lo.isdigit() and hi.isdigit()):
+        raise argparse.ArgumentTypeError(f"span {text!r} is not LO-HI (two whole numbers)")
+    return int(lo), int(hi)
+
+
 def parse_curriculum(text: str) -> tuple:
-    """"32:1.0:300,32:0.5:700:starts" -> (CurriculumPhase(32, 1.0, 300), CurriculumPhase(32, 0.5, 700, "starts"));
-    "none" or "" -> ()."""
+    """"32:1.0:300,32:0.5:700:starts:3-12" -> (CurriculumPhase(32, 1.0, 300),
+    CurriculumPhase(32, 0.5, 700, "starts", (3, 12))); "none" or "" -> ()."""
     from analysis.tinymodel.build import CurriculumPhase, check_phase
 
     if text.strip().lower() in ("", "none"):
@@ -50,11 +61,15 @@ def parse_curriculum(text: str) -> tuple:
     for part in text.split(","):
         fields = part.split(":")
         try:
-            if len(fields) not in (3, 4):
+            if not 3 <= len(fields) <= 5:
                 raise ValueError
-            phase = CurriculumPhase(int(fields[0]), float(fields[1]), int(fields[2]), *fields[3:])
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"curriculum phase {part!r} is not CTX:FRACTION:STEPS[:TEXT]") from None
+            span = parse_span(fields.pop()) if len(fields) > 3 and "-" in fields[-1] else None
+            if len(fields) > 4:
+                raise ValueError
+            phase = CurriculumPhase(int(fields[0]), float(fields[1]), int(fields[2]), *fields[3:], span=span)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(
+                f"curriculum phase {part!r} is not CTX:FRACTION:STEPS[:TEXT][:LO-HI]") from None
         try:
             phases.append(check_phase(phase))  # the context's upper bound is checked when the build starts
         except ValueError as err:
@@ -88,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         ioi_grammar=args.ioi_grammar if args.ioi_grammar is not None else cfg.ioi_grammar,
         curriculum=args.curriculum if args.curriculum is not None else cfg.curriculum,
         repeat_pool=args.repeat_pool or cfg.repeat_pool,
+        repeat_span=args.repeat_span or cfg.repeat_span,
         remove_ln_steps=args.remove_ln_steps if args.remove_ln_steps is not None else cfg.remove_ln_steps,
         num_threads=args.threads if args.threads is not None else cfg.num_threads,
     )

@@ -51,7 +51,7 @@ def render_model_card(m: dict[str, Any]) -> str:
     stages = "\n".join(f"| {name} | {sec / 60:.1f} |" for name, sec in m["stage_seconds"].items())
     schedule = rl["schedule"]
     n_repeat = data.get("repeat_sequences", 0)
-    lo, hi = REPEAT_ROW_SPAN
+    lo, hi = pre.get("repeat_span", REPEAT_ROW_SPAN)
     pool = pre.get("repeat_pool", "words")
     pool_text = "tokens of the whole vocabulary" if pool == "vocab" else "word tokens"
     repeat_note = (
