@@ -34,7 +34,10 @@ def pair_eval_text(pair: PairSpec) -> list[str]:
             if candidate.is_file():
                 return list(_read(candidate))
     if pair.name == "tiny":
+        from analysis.tinymodel.build import trio_ioi_grammar
         from analysis.tinymodel.corpus import generate_documents
 
-        return generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout")
+        trio = src.path.parent if src.path is not None else None
+        return generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout",
+                                  ioi_grammar=trio_ioi_grammar(trio))
     return list(_read(PACKAGED))

@@ -277,3 +277,20 @@ def test_curriculum_position_offsets(docs, tokenizer, tmp_path, monkeypatch):
     logits = torch.cat([model(input_ids=batch[i : i + 1], position_ids=ids[i : i + 1]).logits for i in range(2)])
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     torch.testing.assert_close(shifted, expected)
+
+
+def test_tiny_text_follows_the_corpus_the_trio_was_built_with(tmp_path):
+    from analysis.eval_text import TINY_EVAL_DOCS, TINY_EVAL_SEED, pair_eval_text
+    from analysis.pairs import ModelSource, PairSpec
+    from analysis.tinymodel.build import METRICS_FILE, trio_ioi_grammar
+    from analysis.tinymodel.corpus import generate_documents
+    from analysis.transcoders.cli import TINY_TRAIN_DOCS, training_text
+
+    assert trio_ioi_grammar(None) == 0.0 == trio_ioi_grammar(tmp_path)  # no metrics: the first trio's corpus
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"data": {"ioi_grammar": 0.7}}))
+    assert trio_ioi_grammar(tmp_path) == 0.7
+    pair = PairSpec(name="tiny", original=ModelSource(path=tmp_path / "original"),
+                    ln_free=ModelSource(path=tmp_path / "ln_free"))
+    grammar = generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout", ioi_grammar=0.7)
+    assert pair_eval_text(pair) == grammar != generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout")
+    assert training_text(pair, None) == generate_documents(TINY_TRAIN_DOCS, seed=0, split="train", ioi_grammar=0.7)

@@ -244,6 +244,15 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
+def trio_ioi_grammar(trio_dir: Path | None) -> float:
+    """The corpus's `ioi_grammar` that the trio in `trio_dir` was built with (its build_metrics.json; 0.0, the
+    first trio's corpus, when the file or the field is absent), so text drawn later matches its training data."""
+    metrics = Path(trio_dir) / METRICS_FILE if trio_dir is not None else None
+    if metrics is None or not metrics.is_file():
+        return 0.0
+    return float(json.loads(metrics.read_text()).get("data", {}).get("ioi_grammar", 0.0))
+
+
 def load_hf(path: Path):
     from transformers import GPT2LMHeadModel
 

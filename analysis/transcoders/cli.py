@@ -83,9 +83,11 @@ def training_text(pair, text: Path | None) -> list[str]:
     if text is not None:
         return _read_text(text)
     if pair.name == "tiny":
+        from analysis.tinymodel.build import trio_ioi_grammar
         from analysis.tinymodel.corpus import generate_documents
 
-        return generate_documents(TINY_TRAIN_DOCS, seed=0, split="train")
+        trio = pair.original.path.parent if pair.original.path is not None else None
+        return generate_documents(TINY_TRAIN_DOCS, seed=0, split="train", ioi_grammar=trio_ioi_grammar(trio))
     from analysis.eval_text import pair_eval_text
 
     logger.warning("no --text given: training on pair %r's eval text (small; give --text for a real run)", pair.name)
