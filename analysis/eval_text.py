@@ -2,7 +2,8 @@
 
 - A pair whose original is a local directory with an `eval.txt` beside it (or in it) uses
   that file: documents separated by blank lines.
-- The embedded `tiny` pair uses the held-out split of its own seeded corpus.
+- The embedded `tiny` pair uses the held-out split of its own seeded corpus, drawn as the trio was built
+  (its `ioi_grammar`).
 - Any other pair uses a small packaged English sample (analysis/data/eval_text.txt).
 """
 
@@ -37,7 +38,6 @@ def pair_eval_text(pair: PairSpec) -> list[str]:
         from analysis.tinymodel.build import trio_ioi_grammar
         from analysis.tinymodel.corpus import generate_documents
 
-        trio = src.path.parent if src.path is not None else None
         return generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout",
-                                  ioi_grammar=trio_ioi_grammar(trio))
+                                  ioi_grammar=trio_ioi_grammar(src.path))
     return list(_read(PACKAGED))

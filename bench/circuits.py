@@ -93,9 +93,10 @@ def ensure_transcoders(name: str, paths: dict[str, Path], roles, device: str, tr
         model = load_model(ModelSource(path=paths[role]), role, device=device)
         texts = TEXT * 50
         if name == "tiny":
+            from analysis.tinymodel.build import trio_ioi_grammar
             from analysis.tinymodel.corpus import generate_documents
 
-            texts = generate_documents(500, seed=0, split="train")
+            texts = generate_documents(500, seed=0, split="train", ioi_grammar=trio_ioi_grammar(paths["original"]))
         tset, res = train_transcoders(model, texts, d_transcoder=8 * int(model.bridge.cfg.d_model), activation="topk", k=16,
                                       n_tokens=train_tokens, batch_size=512, show_progress_bar=False)
         print("   FVU per layer", [round(m.fvu, 3) for m in res.layers], "L0", [round(m.l0, 1) for m in res.layers])

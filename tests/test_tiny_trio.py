@@ -108,7 +108,7 @@ def test_shipped_transcoders_recover_the_loss_at_low_l0(models, role):
     tset = load_transcoders_for("tiny", role, model=model)
     assert sorted(tset.transcoders) == [0, 1, 2, 3]
     seqs = [[model.tokenizer.bos_token_id] + model.tokenizer.encode(d)[:127]
-            for d in generate_documents(60, seed=0, split="heldout", ioi_grammar=trio_ioi_grammar(TINY))]
+            for d in generate_documents(60, seed=0, split="heldout", ioi_grammar=trio_ioi_grammar(TINY / "original"))]
     result = evaluate_transcoders(model, tset, seqs, max_tokens=6000)
     mean_l0 = sum(layer.l0 for layer in result.layers) / len(result.layers)
     assert mean_l0 <= 64 and result.ce_recovered >= 0.85, (mean_l0, result.ce_recovered)

@@ -167,10 +167,11 @@ def test_curriculum_option_parses():
     assert parse_span("3-50") == (3, 50)
     for bad in ("32:1.0", "32:1.5:10", "x:0.5:10", "32:0.5:10:middles", "32:0.5:10:starts:x", "32:0.5:10:3-x",
                 "32:0.5:10:3-12:starts", "32:0.5:10:starts:3-12:x", "32:0.5:10:1-12", "32:0.5:10:20-12",
-                "32:0.5:10:3-32"):
+                "32:0.5:10:3-16", "32:0.5:10:starts:3-1a"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_curriculum(bad)
-    for bad in ("3", "3-", "-3", "a-b", "3-5-7"):
+    assert parse_curriculum("32:0.5:10:2-15") == ((32, 0.5, 10, "stream", (2, 15)),)  # the bounds at 32
+    for bad in ("3", "3-", "-3", "a-b", "3-5-7", "\u00b2-3", " 3-5"):
         with pytest.raises(argparse.ArgumentTypeError, match="LO-HI"):
             parse_span(bad)
 
@@ -220,7 +221,7 @@ def test_sample_rows_uses_each_row_once_per_pass():
 
 
 def test_build_config_is_checked_before_any_stage(tmp_path):
-    from analysis.tinymodel.build import CurriculumPhase
+    from analysis.tinymodel.build import CurriculumPhase, check_config, check_span
 
     cfg = micro_config()
     bad = [
@@ -232,14 +233,22 @@ def test_build_config_is_checked_before_any_stage(tmp_path):
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 1.5, 2),)), "repeat_fraction"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 2, "middles"),)), "text must be one of"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 30),)), "exceed the pretraining steps"),
-        (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 2, span=(3, 16)),)), "span must be LO-HI"),
-        (dataclasses.replace(cfg, repeat_span=(1, 20)), "repeat_span must be LO-HI"),
-        (dataclasses.replace(cfg, repeat_span=(30, 20)), "repeat_span must be LO-HI"),
+        (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 2, span=(3, 8)),)),
+         r"curriculum phase .*: span must be LO-HI with 2 <= LO <= HI <= 7"),
+        (dataclasses.replace(cfg, repeat_span=(1, 20)), "^repeat_span must be LO-HI"),
+        (dataclasses.replace(cfg, repeat_span=(30, 20)), "^repeat_span must be LO-HI"),
+        (dataclasses.replace(cfg, repeat_span=(4.5, 20)), "^repeat_span must be LO-HI, two whole numbers"),
+        (dataclasses.replace(cfg, repeat_span=(4, 20, 30)), "^repeat_span must be LO-HI, two whole numbers"),
     ]
     for config, message in bad:
         with pytest.raises(ValueError, match=message):
             build_tiny(tmp_path / "out", config=config, work_dir=tmp_path / "work", progress=False)
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()  # nothing ran
+    # the bounds themselves are allowed; spans come back as (LO, HI) tuples; no repeated rows, no span to check
+    assert check_span([2, 7], 16, "span") == (2, 7) and check_span((31, 31), 64, "span") == (31, 31)
+    phases = check_config(dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 2, "starts", [2, 7]),)))
+    assert phases == [(16, 0.5, 2, "starts", (2, 7))]
+    check_config(dataclasses.replace(cfg, repeat_rows=0.0, repeat_span=(1, 2)))
 
 
 def test_shipped_model_card_renders_from_its_metrics():
@@ -286,10 +295,13 @@ def test_tiny_text_follows_the_corpus_the_trio_was_built_with(tmp_path):
     from analysis.tinymodel.corpus import generate_documents
     from analysis.transcoders.cli import TINY_TRAIN_DOCS, training_text
 
-    assert trio_ioi_grammar(None) == 0.0 == trio_ioi_grammar(tmp_path)  # no metrics: the first trio's corpus
+    original = tmp_path / "original"
+    assert trio_ioi_grammar(None) == 0.0 == trio_ioi_grammar(original)  # no metrics: the first trio's corpus
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"data": {"train_docs": 10}}))  # metrics without the field
+    assert trio_ioi_grammar(original) == 0.0
     (tmp_path / METRICS_FILE).write_text(json.dumps({"data": {"ioi_grammar": 0.7}}))
-    assert trio_ioi_grammar(tmp_path) == 0.7
-    pair = PairSpec(name="tiny", original=ModelSource(path=tmp_path / "original"),
+    assert trio_ioi_grammar(original) == 0.7
+    pair = PairSpec(name="tiny", original=ModelSource(path=original),
                     ln_free=ModelSource(path=tmp_path / "ln_free"))
     grammar = generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout", ioi_grammar=0.7)
     assert pair_eval_text(pair) == grammar != generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout")

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import math
+import operator
 import platform
 import shutil
 import time
@@ -54,19 +55,20 @@ BARS = {
 
 class CurriculumPhase(NamedTuple):
     """One phase of the context curriculum: `steps` steps on rows of `context` tokens, a `repeat_fraction`
-    of them repeated random sequences and the rest story text: the training stream packed into rows
-    ("stream": sentences at every offset) or each document's start ("starts": as the task prompts are)."""
+    of them repeated random sequences of `span` = (LO, HI) tokens (None: curriculum_span(context)) and the rest
+    story text: the training stream packed into rows ("stream": sentences at every offset) or each document's
+    start ("starts": as the task prompts are)."""
 
     context: int
     repeat_fraction: float
     steps: int
     text: str = "stream"
-    span: tuple[int, int] | None = None  # (LO, HI) tokens per repeated sequence; None: curriculum_span(context)
+    span: tuple[int, int] | None = None
 
     @property
     def repeat_span(self) -> tuple[int, int]:
-        """Lengths of this phase's repeated sequences (its span, else 3 to 2/5 of the row)."""
-        return (int(self.span[0]), int(self.span[1])) if self.span is not None else curriculum_span(self.context)
+        """Lengths of this phase's repeated sequences: its span, else curriculum_span(context)."""
+        return (self.span[0], self.span[1]) if self.span is not None else curriculum_span(self.context)
 
 
 CURRICULUM_TEXTS = ("stream", "starts")
@@ -100,10 +102,12 @@ class BuildConfig:
     repeat_pool: str = "vocab"
     # (LO, HI): tokens per repeated sequence in the full-length repeated rows. Induction works at the distances
     # it was trained on: a sequence of n tokens said twice trains copying from n tokens back (2026-11-24 probes:
-    # trained on 3-12 tokens at context 32, the repeated copy's loss was 0.81 nats 8 back and 12.5 at 16 back)
+    # trained on 3-12 tokens at context 32, the repeated copy's loss was 0.81 nats 8 back and 12.5 at 16 back,
+    # where the model confidently copied from the wrong place)
     repeat_span: tuple[int, int] = REPEAT_ROW_SPAN
     # the context curriculum before the full-length rows: CurriculumPhase(context, repeat_fraction, steps,
-    # text) per phase (PretrainConfig.curriculum). Repeated rows' spans are 3 to 2/5 of the row; a
+    # text, span) per phase (PretrainConfig.curriculum). Repeated rows' spans are curriculum_span(context) unless
+    # given; a
     # repeat_fraction of 1.0 means repeated rows only. The defaults are the shipped trio's (no curriculum,
     # no repeated rows), so `make tiny-models` rebuilds it; the recipe under trial is in the README.
     curriculum: tuple[CurriculumPhase, ...] = ()
@@ -182,23 +186,28 @@ def check_phase(phase: CurriculumPhase, n_positions: int | None = None) -> Curri
         raise ValueError(f"curriculum phase {phase}: context must be in [2, {n_positions or 'n_positions'}] "
                          "and steps >= 0")
     if phase.span is not None:
-        check_span(phase.span, phase.context, f"curriculum phase {phase}: span")
+        phase = phase._replace(span=check_span(phase.span, phase.context, f"curriculum phase {phase}: span"))
     return phase
 
 
-def check_span(span: tuple[int, int], context: int, name: str) -> tuple[int, int]:
-    """`span` if it is (LO, HI) with 2 <= LO <= HI <= context - 1 (a sequence fits in a row after <|endoftext|>),
-    else ValueError naming `name`."""
-    lo, hi = span
-    if not 2 <= lo <= hi <= context - 1:
-        raise ValueError(f"{name} must be LO-HI with 2 <= LO <= HI <= {context - 1} (the row's context minus "
-                         f"one); got {lo}-{hi}")
-    return span
+def check_span(span: Any, context: int, name: str) -> tuple[int, int]:
+    """`span` as (LO, HI) if it is two whole numbers with 2 <= LO <= HI <= (context - 1) // 2, so that a sequence
+    and its copy fit in a row after <|endoftext|>; else ValueError naming `name`."""
+    limit = (context - 1) // 2
+    try:
+        lo, hi = (operator.index(n) for n in span)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be LO-HI, two whole numbers; got {span!r}") from None
+    if not 2 <= lo <= hi <= limit:
+        raise ValueError(f"{name} must be LO-HI with 2 <= LO <= HI <= {limit} (half the row after "
+                         f"<|endoftext|>, so the copy fits); got {lo}-{hi}")
+    return lo, hi
 
 
 def check_config(cfg: BuildConfig) -> list[CurriculumPhase]:
-    """Check the row fractions, the IOI grammar fraction and the curriculum before any stage runs (ValueError
-    naming the field); returns cfg.curriculum as CurriculumPhase tuples."""
+    """Check the row fractions, the IOI grammar fraction, the repeated rows' span (when there are repeated rows)
+    and the curriculum before any stage runs (ValueError naming the field); returns cfg.curriculum as
+    CurriculumPhase tuples, spans as (LO, HI) tuples."""
     if not 0 <= cfg.repeat_rows < 1:
         raise ValueError(f"repeat_rows must be in [0, 1); got {cfg.repeat_rows}")
     if not 0 <= cfg.start_rows < 1 or cfg.repeat_rows + cfg.start_rows >= 1:
@@ -206,7 +215,8 @@ def check_config(cfg: BuildConfig) -> list[CurriculumPhase]:
                          f"{cfg.start_rows}, repeat_rows {cfg.repeat_rows}")
     if not 0 <= cfg.ioi_grammar <= 1:
         raise ValueError(f"ioi_grammar must be in [0, 1]; got {cfg.ioi_grammar}")
-    check_span(cfg.repeat_span, cfg.pretrain.n_positions, "repeat_span")
+    if cfg.repeat_rows > 0:
+        check_span(cfg.repeat_span, cfg.pretrain.n_positions, "repeat_span")
     phases = [check_phase(CurriculumPhase(*phase), cfg.pretrain.n_positions) for phase in cfg.curriculum]
     if sum(phase.steps for phase in phases) > cfg.pretrain.steps:
         raise ValueError(f"the curriculum's {sum(p.steps for p in phases)} steps exceed the pretraining steps "
@@ -215,7 +225,8 @@ def check_config(cfg: BuildConfig) -> list[CurriculumPhase]:
 
 
 def curriculum_span(context: int) -> tuple[int, int]:
-    """Lengths of a curriculum phase's repeated sequences: 3 to 2/5 of the row, so most are seen twice."""
+    """Default lengths of a curriculum phase's repeated sequences: 3 to 2/5 of the row (at least 4), so most are
+    seen twice."""
     return 3, max(4, (context - 1) * 2 // 5)
 
 
@@ -244,10 +255,11 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def trio_ioi_grammar(trio_dir: Path | None) -> float:
-    """The corpus's `ioi_grammar` that the trio in `trio_dir` was built with (its build_metrics.json; 0.0, the
-    first trio's corpus, when the file or the field is absent), so text drawn later matches its training data."""
-    metrics = Path(trio_dir) / METRICS_FILE if trio_dir is not None else None
+def trio_ioi_grammar(original_dir: Path | None) -> float:
+    """The corpus's `ioi_grammar` that the trio whose `original` is in `original_dir` was built with (the trio's
+    build_metrics.json, beside the roles' directories; 0.0, the first trio's corpus, when there is no directory,
+    file or field), so that text drawn later matches the trio's training data."""
+    metrics = Path(original_dir).parent / METRICS_FILE if original_dir is not None else None
     if metrics is None or not metrics.is_file():
         return 0.0
     return float(json.loads(metrics.read_text()).get("data", {}).get("ioi_grammar", 0.0))

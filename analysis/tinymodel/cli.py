@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 
@@ -25,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="curriculum rows start at random positions, so short rows train every position embedding")
     p.add_argument("--repeat-rows", type=float, help="fraction of training rows that are repeated random tokens")
     p.add_argument("--repeat-span", type=parse_span, metavar="LO-HI",
-                   help="tokens per repeated sequence in the full-length repeated rows (induction is learned at "
-                        "the distances it is trained on)")
+                   help="tokens per repeated sequence in the full-length repeated rows (default 4-40; in trials "
+                        "induction worked at the distances it was trained on)")
     p.add_argument("--start-rows", type=float,
                    help="fraction of the full-length training rows that are documents' starts (as task prompts are)")
     p.add_argument("--ioi-grammar", type=float,
@@ -42,12 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+SPAN = re.compile(r"([0-9]+)-([0-9]+)")
+
+
 def parse_span(text: str) -> tuple[int, int]:
     """"3-50" -> (3, 50); the bounds against a context are checked by the build."""
-    lo, sep, hi = text.partition("-")
-    if not (sep and lo.isdigit() and hi.isdigit()):
+    match = SPAN.fullmatch(text)
+    if match is None:
         raise argparse.ArgumentTypeError(f"span {text!r} is not LO-HI (two whole numbers)")
-    return int(lo), int(hi)
+    return int(match[1]), int(match[2])
 
 
 def parse_curriculum(text: str) -> tuple:
@@ -63,7 +67,7 @@ def parse_curriculum(text: str) -> tuple:
         try:
             if not 3 <= len(fields) <= 5:
                 raise ValueError
-            span = parse_span(fields.pop()) if len(fields) > 3 and "-" in fields[-1] else None
+            span = parse_span(fields.pop()) if len(fields) > 3 and SPAN.fullmatch(fields[-1]) else None
             if len(fields) > 4:
                 raise ValueError
             phase = CurriculumPhase(int(fields[0]), float(fields[1]), int(fields[2]), *fields[3:], span=span)

@@ -86,8 +86,8 @@ def training_text(pair, text: Path | None) -> list[str]:
         from analysis.tinymodel.build import trio_ioi_grammar
         from analysis.tinymodel.corpus import generate_documents
 
-        trio = pair.original.path.parent if pair.original.path is not None else None
-        return generate_documents(TINY_TRAIN_DOCS, seed=0, split="train", ioi_grammar=trio_ioi_grammar(trio))
+        return generate_documents(TINY_TRAIN_DOCS, seed=0, split="train",
+                                  ioi_grammar=trio_ioi_grammar(pair.original.path))
     from analysis.eval_text import pair_eval_text
 
     logger.warning("no --text given: training on pair %r's eval text (small; give --text for a real run)", pair.name)
