@@ -76,6 +76,7 @@ def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path, monkeypatch):
     assert [(p["context"], p["repeat_fraction"], p["steps"], p["text"], p["repeat_span"]) for p in phases] == [
         (16, 1.0, 3, "stream", [3, 6]), (16, 0.5, 2, "stream", [2, 7]), (16, 0.5, 2, "starts", [3, 6])]
     assert metrics["pretrain"]["repeat_span"] == [4, 20] and "sequences of 4-20 distinct tokens" in card
+    assert metrics["pretrain"]["decay_steps"] == 10 and "held, then cosine to 0.0001 over the last 10 steps" in card
     assert "50% of rows repeated (2-7-token sequences)" in card
     assert "| pre-training, phase 1 | 3 | 32 x 16 | context curriculum: repeated rows only" in card
     assert "each document's start" in card and "| pre-training, full rows | 13 | 8 x 64 |" in card
@@ -99,6 +100,25 @@ def test_quality_bars_are_checked_per_role():
     assert not checks["all_pass"] and not checks["ln_free.ce_gap_vs_original"]["pass"]
     assert checks["original.ioi_accuracy"]["pass"]
     assert check_bars({"original": good, "control": good, "ln_free": good})["all_pass"]
+
+
+def test_lr_schedule_cosine_or_held_then_decayed():
+    import math
+
+    from analysis.tinymodel.pretrain import lr_at
+
+    cfg = PretrainConfig(lr=2e-3, min_lr=1e-4, warmup_steps=10, steps=110)
+    lrs = [lr_at(step, cfg) for step in range(cfg.steps)]
+    assert lrs[:10] == pytest.approx([2e-3 * (s + 1) / 10 for s in range(10)])
+    cosine = [1e-4 + 0.5 * 1.9e-3 * (1 + math.cos(math.pi * (s - 10) / 100)) for s in range(10, 110)]
+    assert lrs[10:] == pytest.approx(cosine, rel=1e-12)  # the default: one cosine after the warmup
+    held = dataclasses.replace(cfg, decay_steps=40)
+    lrs = [lr_at(step, held) for step in range(held.steps + 1)]
+    assert lrs[10:71] == pytest.approx([2e-3] * 61)  # held from the warmup to step steps - decay_steps
+    assert all(a > b for a, b in zip(lrs[70:], lrs[71:])) and lrs[110] == pytest.approx(1e-4)
+    assert lrs[90] == pytest.approx(1e-4 + 0.5 * 1.9e-3)  # half-way through the decay
+    whole = dataclasses.replace(cfg, decay_steps=110)  # longer than the steps after the warmup: the cosine
+    assert [lr_at(s, whole) for s in range(110)] == [lr_at(s, cfg) for s in range(110)]
 
 
 def test_sinusoidal_position_init():
@@ -239,6 +259,8 @@ def test_build_config_is_checked_before_any_stage(tmp_path):
         (dataclasses.replace(cfg, repeat_span=(30, 20)), "^repeat_span must be LO-HI"),
         (dataclasses.replace(cfg, repeat_span=(4.5, 20)), "^repeat_span must be LO-HI, two whole numbers"),
         (dataclasses.replace(cfg, repeat_span=(4, 20, 30)), "^repeat_span must be LO-HI, two whole numbers"),
+        (dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, decay_steps=0)), "decay_steps"),
+        (dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, decay_steps=21)), "decay_steps"),
     ]
     for config, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -134,8 +134,8 @@ def micro_config(seed: int = 0) -> BuildConfig:
     return BuildConfig(
         seed=seed, n_docs=400, n_heldout_docs=40, tokenizer_docs=400, vocab_size=1024,
         pretrain=PretrainConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, steps=20, batch_size=8,
-                                warmup_steps=2, eval_every=0, eval_sequences=8, log_every=5, seed=seed,
-                                position_init="sinusoidal"),
+                                warmup_steps=2, decay_steps=10, eval_every=0, eval_sequences=8, log_every=5,
+                                seed=seed, position_init="sinusoidal"),
         repeat_rows=0.1, start_rows=0.1, ioi_grammar=0.5, repeat_span=(4, 20),
         curriculum=(CurriculumPhase(16, 1.0, 3), CurriculumPhase(16, 0.5, 2, span=(2, 7)),
                     CurriculumPhase(16, 0.5, 2, "starts")),
@@ -215,6 +215,10 @@ def check_config(cfg: BuildConfig) -> list[CurriculumPhase]:
                          f"{cfg.start_rows}, repeat_rows {cfg.repeat_rows}")
     if not 0 <= cfg.ioi_grammar <= 1:
         raise ValueError(f"ioi_grammar must be in [0, 1]; got {cfg.ioi_grammar}")
+    decay = cfg.pretrain.decay_steps
+    if decay is not None and not 1 <= decay <= cfg.pretrain.steps:
+        raise ValueError(f"pretrain.decay_steps must be None or in [1, {cfg.pretrain.steps}] (the pretraining "
+                         f"steps); got {decay}")
     if cfg.repeat_rows > 0:
         check_span(cfg.repeat_span, cfg.pretrain.n_positions, "repeat_span")
     phases = [check_phase(CurriculumPhase(*phase), cfg.pretrain.n_positions) for phase in cfg.curriculum]
@@ -501,7 +505,7 @@ def _build_tiny(
         "pretrain": {"steps": pre.steps, "planned_steps": cfg.pretrain.steps, "completed": pre.completed,
                      "batch_size": cfg.pretrain.batch_size, "tokens_seen": pre.tokens_seen,
                      "tokens_per_second": round(pre.tokens_per_second, 1), "final_train_loss": pre.final_loss,
-                     "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr,
+                     "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr, "decay_steps": cfg.pretrain.decay_steps,
                      "position_init": cfg.pretrain.position_init,
                      "repeat_pool": cfg.repeat_pool,
                      "repeat_span": list(cfg.repeat_span),

@@ -17,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", type=int, help="training documents")
     p.add_argument("--steps", type=int, help="pretraining steps")
     p.add_argument("--batch-size", type=int, help="pretraining batch size (sequences)")
+    p.add_argument("--decay-steps", type=int,
+                   help="hold the peak lr after the warmup and decay it over only the last N pretraining steps "
+                        "(default: a cosine over every step)")
     p.add_argument("--curriculum", type=parse_curriculum, metavar="CTX:FRACTION:STEPS[:TEXT][:LO-HI],...",
                    help="context curriculum before the full-length rows, e.g. 32:1.0:300,32:0.5:700:starts:3-12 "
                         "(STEPS steps on rows of CTX tokens, FRACTION of them repeated random sequences of LO-HI "
@@ -97,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         pre = dataclasses.replace(pre, steps=args.steps)
     if args.batch_size is not None:
         pre = dataclasses.replace(pre, batch_size=args.batch_size)
+    if args.decay_steps is not None:
+        pre = dataclasses.replace(pre, decay_steps=args.decay_steps)
     if args.position_offsets:
         pre = dataclasses.replace(pre, curriculum_position_offsets=True)
     cfg = dataclasses.replace(

@@ -26,6 +26,13 @@ def _phase_rows(phase: dict[str, Any]) -> str:
             f"({lo}-{hi}-token sequences)")
 
 
+def _schedule(pre: dict[str, Any], over_all: str) -> str:
+    """The lr schedule after the warmup, for the training table."""
+    if pre.get("decay_steps"):
+        return f"held, then cosine to {pre['min_lr']} over the last {pre['decay_steps']} steps"
+    return f"cosine to {pre['min_lr']}{over_all}"
+
+
 def render_model_card(m: dict[str, Any]) -> str:
     arch, data, pre, rl, ev = m["architecture"], m["data"], m["pretrain"], m["remove_ln"], m["eval"]
     base = ev["original"]["heldout_ce"]
@@ -81,7 +88,7 @@ def render_model_card(m: dict[str, Any]) -> str:
     pretrain_rows = phase_rows + (
         f"| pre-training{', full rows' if phases else ''} | {max(0, pre['steps'] - phase_steps)} | "
         f"{pre['batch_size']} x "
-        f"{data['context']} | AdamW, lr {pre['lr']} cosine to {pre['min_lr']}{over_all}, "
+        f"{data['context']} | AdamW, lr {pre['lr']} {_schedule(pre, over_all)}, "
         f"{pre['tokens_seen']:,} tokens{' in all' if phases else ''},{position_note} final train loss "
         f"{_fmt(pre['final_train_loss'])} |")
     curriculum_note = (

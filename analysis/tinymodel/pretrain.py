@@ -45,6 +45,10 @@ class PretrainConfig:
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
+    # None: cosine from lr to min_lr over every step after the warmup. N: lr held after the warmup, then the
+    # cosine over the last N steps only (warmup-stable-decay). In trials induction on 25 + 25 tokens formed at
+    # lr 2e-3 on the full-length rows and not as the single cosine fell from 1.1e-3 (2026-11-24, b1 and t1)
+    decay_steps: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.98
@@ -163,9 +167,12 @@ def _curriculum_phases(
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup to lr, then lr_min + (lr - lr_min) (1 + cos(pi p)) / 2 with p the progress through the decay:
+    every step after the warmup, or the last cfg.decay_steps steps (lr held until then)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    decay_start = cfg.warmup_steps if cfg.decay_steps is None else max(cfg.warmup_steps, cfg.steps - cfg.decay_steps)
+    progress = min(1.0, max(0.0, (step - decay_start) / max(1, cfg.steps - decay_start)))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
