@@ -107,9 +107,8 @@ class BuildConfig:
     repeat_span: tuple[int, int] = REPEAT_ROW_SPAN
     # the context curriculum before the full-length rows: CurriculumPhase(context, repeat_fraction, steps,
     # text, span) per phase (PretrainConfig.curriculum). Repeated rows' spans are curriculum_span(context) unless
-    # given; a
-    # repeat_fraction of 1.0 means repeated rows only. The defaults are the shipped trio's (no curriculum,
-    # no repeated rows), so `make tiny-models` rebuilds it; the recipe under trial is in the README.
+    # given; a repeat_fraction of 1.0 means repeated rows only. The defaults are the shipped trio's (no
+    # curriculum, no repeated rows), so `make tiny-models` rebuilds it; the recipe under trial is in the README.
     curriculum: tuple[CurriculumPhase, ...] = ()
     # stages
     # the shipped trio's settings: 2000 x 32 x 128 = 8.2M tokens, ~45 min on 2 CPU cores
