@@ -63,7 +63,7 @@ test: install browser circuit-tracer
 # CI uses the shipped files.
 TC_ARGS ?= --activation topk --k 32 --n-tokens 150000 --quiet
 tiny-models: install
-	$(BIN)/lnscope build-tiny --out models/tiny --work-dir build/tiny-work --pretrain-minutes 55
+	$(BIN)/lnscope build-tiny --out models/tiny --work-dir build/tiny-work --pretrain-minutes 80
 	for role in original ln_free control; do $(BIN)/lnscope train-transcoders tiny --role $$role $(TC_ARGS) || exit 1; done
 	$(BIN)/lnscope build-tiny --out models/tiny --card-only
 

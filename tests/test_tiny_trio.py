@@ -14,7 +14,7 @@ from analysis.ln_stats import text_sequences
 from analysis.loading import ModelCache
 from analysis.pairs import PairRegistry, models_dir
 from analysis.patching import activation_patching_trio, attribution_patching_trio
-from analysis.tasks import make_ioi
+from analysis.tasks import evaluate_task, make_ioi
 from analysis.tasks.base import pad_id, pad_right
 
 TINY = models_dir() / "tiny"
@@ -44,7 +44,8 @@ def test_check_pair_bars_on_the_shipped_trio(role):
 
 @pytest.fixture(scope="module")
 def quality(models):
-    return evaluate_trio(models, pair_eval_text(PairRegistry.load().get("tiny")), pair="tiny", n_prompts=100,
+    # 200 prompts per task, as in the model card (the greater-than metric's std is ~0.5 per prompt)
+    return evaluate_trio(models, pair_eval_text(PairRegistry.load().get("tiny")), pair="tiny", n_prompts=200,
                          max_tokens=20_000)
 
 
@@ -54,14 +55,28 @@ def test_ln_free_cross_entropy_bar(quality):
     assert abs(ce["control"] - ce["original"]) < 0.10, ce
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4: the shipped trio (2000 pre-training steps on 2 CPU cores) has not "
-                   "formed IOI and induction circuits yet; see models/tiny/MODEL_CARD.md. Strict: passes -> update")
-def test_task_bars_on_held_out_prompts(quality):
+def test_induction_bar_on_held_out_prompts(quality):
     for role, ev in quality.roles.items():
-        ioi, gt, ind = ev.tasks["ioi"], ev.tasks["greater_than"], ev.tasks["induction"]
+        ind = ev.tasks["induction"]
+        assert ind.second_half_loss <= ind.first_half_loss / 3, (role, ind.first_half_loss, ind.second_half_loss)
+
+
+def test_ioi_on_training_templates(models):
+    """Every role does IOI on the corpus's own templates and name pairs (split "train")."""
+    batch = make_ioi(models["original"].tokenizer, n_prompts=100, seed=0, split="train")
+    for role in ROLES:
+        result = evaluate_task(lambda tokens: models[role].bridge(tokens), batch)
+        assert result.accuracy >= 0.90 and result.metric_mean >= 2.0, (role, result.accuracy, result.metric_mean)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 4: the shipped trio does IOI on its training templates but not on "
+                   "held-out ones (accuracy 0.50-0.69), and greater-than is 0.487 / 0.494 for the control and "
+                   "LN-free model; see models/tiny/MODEL_CARD.md. Strict: passes -> update")
+def test_ioi_and_greater_than_bars_on_held_out_prompts(quality):
+    for role, ev in quality.roles.items():
+        ioi, gt = ev.tasks["ioi"], ev.tasks["greater_than"]
         assert ioi.accuracy >= 0.90 and ioi.metric_mean >= 2.0, (role, ioi.accuracy, ioi.metric_mean)
         assert gt.metric_mean >= 0.5, (role, gt.metric_mean)
-        assert ind.second_half_loss <= ind.first_half_loss / 3, (role, ind.first_half_loss, ind.second_half_loss)
 
 
 def test_ioi_head_attribution_and_resid_pre_patching_for_all_roles(models):

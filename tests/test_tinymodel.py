@@ -328,3 +328,18 @@ def test_tiny_text_follows_the_corpus_the_trio_was_built_with(tmp_path):
     grammar = generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout", ioi_grammar=0.7)
     assert pair_eval_text(pair) == grammar != generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout")
     assert training_text(pair, None) == generate_documents(TINY_TRAIN_DOCS, seed=0, split="train", ioi_grammar=0.7)
+
+
+def test_build_defaults_are_the_shipped_trio_s_recipe():
+    """`make tiny-models` (BuildConfig's defaults) rebuilds the shipped trio: the same config but the safety stop."""
+    from pathlib import Path
+
+    from analysis.tinymodel.build import BuildConfig
+
+    tiny = Path(__file__).resolve().parents[1] / "models" / "tiny"
+    shipped = json.loads((tiny / "build_metrics.json").read_text())["config"]
+    ours = json.loads(json.dumps(BuildConfig().to_dict()))
+    for cfg in (shipped, ours):  # the build fills pretrain.curriculum from the phases; the stop is Make's
+        cfg["pretrain"].pop("curriculum")
+        cfg["pretrain"].pop("time_budget_minutes")
+    assert ours == shipped

@@ -29,7 +29,6 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from analysis.tinymodel.corpus import REPEAT_ROW_SPAN
 from analysis.tinymodel.pretrain import PretrainConfig, curriculum_batch_size, mean_ce, pack_stream, pretrain
 
 logger = logging.getLogger(__name__)
@@ -86,15 +85,15 @@ class BuildConfig:
     # from repeat_pool), the rest story text; in [0, 1). Without a short-context start they taught nothing:
     # 0.25 with 5000 x 16 steps, lr 3e-3 and sinusoidal position init had formed no induction heads by
     # step 4000 (2026-11-23 trial)
-    repeat_rows: float = 0.0
+    repeat_rows: float = 0.35
     # fraction of the full-length training rows that are documents' first tokens (a seeded sample of
     # document_start_rows; most documents open with an IOI sentence, as the task prompts do), in [0, 1) with
     # repeat_rows + start_rows < 1. These rows also feed the LN-removal fine-tuning, so the LN-free model and the
     # control keep what they teach
-    start_rows: float = 0.0
+    start_rows: float = 0.15
     # fraction of the corpus's IOI sentences drawn from corpus.ioi_grammar_template instead of the fixed
-    # training templates (corpus.generate_documents' ioi_grammar); 0 is the shipped trio's corpus
-    ioi_grammar: float = 0.0
+    # training templates (corpus.generate_documents' ioi_grammar); 0 is the first trio's corpus
+    ioi_grammar: float = 0.7
     # the tokens the repeated rows draw from: "vocab" (every non-special token) or "words" (the induction
     # task's pool of word tokens). 2026-11-24 trials, 4-layer d128, pure repeated rows of 32 tokens: with
     # "words" (1356 of 2578 tokens), or 100 of them, the loss stayed at ln(pool) to step 200, untied
@@ -104,16 +103,23 @@ class BuildConfig:
     # it was trained on: a sequence of n tokens said twice trains copying from n tokens back (2026-11-24 probes:
     # trained on 3-12 tokens at context 32, the repeated copy's loss was 0.81 nats 8 back and 12.5 at 16 back,
     # where the model confidently copied from the wrong place)
-    repeat_span: tuple[int, int] = REPEAT_ROW_SPAN
+    repeat_span: tuple[int, int] = (3, 50)
     # the context curriculum before the full-length rows: CurriculumPhase(context, repeat_fraction, steps,
     # text, span) per phase (PretrainConfig.curriculum). Repeated rows' spans are curriculum_span(context) unless
-    # given; a repeat_fraction of 1.0 means repeated rows only. The defaults are the shipped trio's (no
-    # curriculum, no repeated rows), so `make tiny-models` rebuilds it; the recipe under trial is in the README.
-    curriculum: tuple[CurriculumPhase, ...] = ()
+    # given; a repeat_fraction of 1.0 means repeated rows only. The defaults are the shipped trio's, so
+    # `make tiny-models` rebuilds it: induction heads form on repeated rows of 32 tokens, IOI (on the training
+    # templates) on documents' starts, then the full-length rows (story text, starts and repeated sequences of
+    # 3-50 tokens) carry induction to 25 + 25 tokens
+    curriculum: tuple[CurriculumPhase, ...] = (
+        CurriculumPhase(32, 1.0, 300), CurriculumPhase(32, 0.5, 700), CurriculumPhase(32, 0.25, 500, "starts"),
+        CurriculumPhase(128, 0.25, 500, "starts", (3, 50)))
     # stages
-    # the shipped trio's settings: 2000 x 32 x 128 = 8.2M tokens, ~45 min on 2 CPU cores
+    # the shipped trio's settings: 5000 steps of 4096 tokens (20.5M tokens; 2000 of them in the curriculum), 58 min
+    # on 2 CPU cores;
+    # the lr is held at its peak until the last 1000 steps (under a single cosine the lr had fallen to ~1.1e-3
+    # by the full-length rows and induction did not reach 25 + 25 tokens by step 4000; 2026-11-23 build b1)
     pretrain: PretrainConfig = field(
-        default_factory=lambda: PretrainConfig(steps=2000, batch_size=32, snapshot_every=500))
+        default_factory=lambda: PretrainConfig(steps=5000, decay_steps=1000, batch_size=32, snapshot_every=500))
     remove_ln_steps: int = 300  # FakeLN fine-tuning steps (the control gets the same)
     remove_ln_batch_size: int = 32
     remove_ln_lr: float = 6e-4
