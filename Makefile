@@ -59,7 +59,7 @@ test: install browser circuit-tracer
 	LNSCOPE_CHROMIUM="$(CHROMIUM)" LNSCOPE_CIRCUIT_TRACER_PYTHON="$(abspath $(CT_VENV))/bin/python" \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Rebuilds models/tiny and its transcoders from nothing (seeded; ~65 min on 2 CPU cores).
+# Rebuilds models/tiny and its transcoders from nothing (seeded; ~70 min on 2 CPU cores).
 # CI uses the shipped files.
 TC_ARGS ?= --activation topk --k 32 --n-tokens 150000 --quiet
 tiny-models: install

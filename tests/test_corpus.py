@@ -102,7 +102,7 @@ def test_ioi_grammar_varies_templates_and_never_renders_a_heldout_clause():
         assert not any(r.search(text) for r in heldout), template
     grammar_docs = generate_documents(600, seed=0, ioi_grammar=1.0)
     assert grammar_docs != generate_documents(600, seed=0)
-    # at 0 the corpus is the one the shipped trio was built from (digest of the documents before the grammar existed)
+    # at 0 the corpus is the one the first trio was built from (digest of the documents before the grammar existed)
     plain = "\x00".join(generate_documents(50, seed=0, ioi_grammar=0.0)).encode()
     assert hashlib.sha256(plain).hexdigest() == "af4546a0e1b1834d52b55f0209fe743ababc70fd0e1a84f75d1c6a71385b26ea"
     text = "\n".join(grammar_docs)

@@ -55,7 +55,7 @@ def test_ln_free_cross_entropy_bar(quality):
     assert abs(ce["control"] - ce["original"]) < 0.10, ce
 
 
-def test_induction_bar_on_held_out_prompts(quality):
+def test_induction_bar(quality):
     for role, ev in quality.roles.items():
         ind = ev.tasks["induction"]
         assert ind.second_half_loss <= ind.first_half_loss / 3, (role, ind.first_half_loss, ind.second_half_loss)

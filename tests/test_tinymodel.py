@@ -331,7 +331,8 @@ def test_tiny_text_follows_the_corpus_the_trio_was_built_with(tmp_path):
 
 
 def test_build_defaults_are_the_shipped_trio_s_recipe():
-    """`make tiny-models` (BuildConfig's defaults) rebuilds the shipped trio: the same config but the safety stop."""
+    """`make tiny-models` (BuildConfig's defaults) rebuilds the shipped trio: the same config but the safety stop
+    and pretrain.curriculum (which the build derives from the phases)."""
     from pathlib import Path
 
     from analysis.tinymodel.build import BuildConfig

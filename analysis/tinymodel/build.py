@@ -117,7 +117,7 @@ class BuildConfig:
     # the shipped trio's settings: 5000 steps of 4096 tokens (20.5M tokens; 2000 of them in the curriculum), 58 min
     # on 2 CPU cores;
     # the lr is held at its peak until the last 1000 steps (under a single cosine the lr had fallen to ~1.1e-3
-    # by the full-length rows and induction did not reach 25 + 25 tokens by step 4000; 2026-11-23 build b1)
+    # by the full-length rows and induction did not reach 25 + 25 tokens by step 4000; 2026-11-24 build b1)
     pretrain: PretrainConfig = field(
         default_factory=lambda: PretrainConfig(steps=5000, decay_steps=1000, batch_size=32, snapshot_every=500))
     remove_ln_steps: int = 300  # FakeLN fine-tuning steps (the control gets the same)

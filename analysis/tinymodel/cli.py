@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="pretraining batch size (sequences)")
     p.add_argument("--decay-steps", type=int,
                    help="hold the peak lr after the warmup and decay it over only the last N pretraining steps "
-                        "(default: a cosine over every step)")
+                        "(default 1000, the shipped trio's; N equal to --steps gives one cosine after the warmup)")
     p.add_argument("--curriculum", type=parse_curriculum, metavar="CTX:FRACTION:STEPS[:TEXT][:LO-HI],...",
                    help="context curriculum before the full-length rows, e.g. 32:1.0:300,32:0.5:700:starts:3-12 "
                         "(STEPS steps on rows of CTX tokens, FRACTION of them repeated random sequences of LO-HI "
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="curriculum rows start at random positions, so short rows train every position embedding")
     p.add_argument("--repeat-rows", type=float, help="fraction of training rows that are repeated random tokens")
     p.add_argument("--repeat-span", type=parse_span, metavar="LO-HI",
-                   help="tokens per repeated sequence in the full-length repeated rows (default 4-40; in trials "
+                   help="tokens per repeated sequence in the full-length repeated rows (default 3-50; in trials "
                         "induction worked at the distances it was trained on)")
     p.add_argument("--start-rows", type=float,
                    help="fraction of the full-length training rows that are documents' starts (as task prompts are)")

@@ -50,8 +50,9 @@ P_REPEAT = 0.9
 P_SECOND_REPEAT = 0.4
 REPEAT_WORDS = (6, 16)  # words in a repeated sequence
 P_FACTS = 0.4
-# Token-level rows of repeated random sequences (see repeated_token_rows): the build mixes these in.
-REPEAT_ROW_SPAN = (4, 40)  # tokens in one sequence
+# Token-level rows of repeated random sequences (see repeated_token_rows; the build mixes these in with its own
+# span, BuildConfig.repeat_span).
+REPEAT_ROW_SPAN = (4, 40)  # repeated_token_rows' default tokens per sequence
 P_THIRD_COPY = 0.2
 P_THIRD_CHARACTER = 0.3
 P_NEW_IOI_NAMES = 0.15  # the IOI sentence introduces two new characters
@@ -550,7 +551,7 @@ def iter_documents(n_docs: int | None, seed: int, split: str = "train", ioi_gram
     """Yield `n_docs` documents (endlessly if None) from the seeded stream of `split`.
 
     `ioi_grammar`: the fraction of IOI sentences drawn from the grammar (ioi_grammar_template) rather than
-    the fixed training templates (0: the shipped trio's corpus).
+    the fixed training templates (0: the first trio's corpus).
     """
     if not 0 <= ioi_grammar <= 1:
         raise ValueError(f"ioi_grammar must be in [0, 1]; got {ioi_grammar}")

@@ -91,8 +91,9 @@ def render_model_card(m: dict[str, Any]) -> str:
         f"{data['context']} | AdamW, lr {pre['lr']} {_schedule(pre, over_all)}, "
         f"{pre['tokens_seen']:,} tokens{' in all' if phases else ''},{position_note} final train loss "
         f"{_fmt(pre['final_train_loss'])} |")
+    short_steps = sum(ph["steps"] for ph in phases if ph["context"] < data["context"])
     curriculum_note = (
-        f"\nThe first {phase_steps} steps train on short rows so that attention learns content-based patterns "
+        f"\nThe first {short_steps} steps train on short rows so that attention learns content-based patterns "
         "quickly: the\ngradient towards the one right key is diluted by the number of keys (in trials, induction "
         "heads formed\nwithin a few hundred steps on rows of 32 tokens and not in 2000 steps at 128).\n"
         if phases else "")
