@@ -333,12 +333,10 @@ def test_tiny_text_follows_the_corpus_the_trio_was_built_with(tmp_path):
 def test_build_defaults_are_the_shipped_trio_s_recipe():
     """`make tiny-models` (BuildConfig's defaults) rebuilds the shipped trio: the same config but the safety stop
     and pretrain.curriculum (which the build derives from the phases)."""
-    from pathlib import Path
+    from analysis.pairs import models_dir
+    from analysis.tinymodel.build import METRICS_FILE, BuildConfig
 
-    from analysis.tinymodel.build import BuildConfig
-
-    tiny = Path(__file__).resolve().parents[1] / "models" / "tiny"
-    shipped = json.loads((tiny / "build_metrics.json").read_text())["config"]
+    shipped = json.loads((models_dir() / "tiny" / METRICS_FILE).read_text())["config"]
     ours = json.loads(json.dumps(BuildConfig().to_dict()))
     for cfg in (shipped, ours):  # the build fills pretrain.curriculum from the phases; the stop is Make's
         cfg["pretrain"].pop("curriculum")
