@@ -69,10 +69,8 @@ def test_ioi_on_training_templates(models):
         assert result.accuracy >= 0.90 and result.metric_mean >= 2.0, (role, result.accuracy, result.metric_mean)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4: the shipped trio does IOI on its training templates but not on "
-                   "held-out ones (accuracy 0.50-0.69), and greater-than is 0.487 / 0.494 for the control and "
-                   "LN-free model; see models/tiny/MODEL_CARD.md. Strict: passes -> update")
 def test_ioi_and_greater_than_bars_on_held_out_prompts(quality):
+    """Issue 4's bars on held-out templates and name / year combinations, for each of the three models."""
     for role, ev in quality.roles.items():
         ioi, gt = ev.tasks["ioi"], ev.tasks["greater_than"]
         assert ioi.accuracy >= 0.90 and ioi.metric_mean >= 2.0, (role, ioi.accuracy, ioi.metric_mean)

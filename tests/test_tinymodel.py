@@ -86,6 +86,7 @@ def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path, monkeypatch):
     assert data["start_sequences"] == round(0.1 * data["story_sequences"] / (1 - 0.1 - cfg.repeat_rows))
     assert data["train_sequences"] == data["story_sequences"] + data["start_sequences"] + data["repeat_sequences"]
     assert data["ioi_grammar"] == 0.5 and "a fraction 0.5 of them from a grammar" in card
+    assert data["split_first_word"] == 0.3 and "In a seeded fraction 0.3 of the training documents the first" in card
     assert f"{data['start_sequences']:,} rows of documents' first tokens" in card
     # the shipped LN-free twin meets the foundation bars
     result = check_model(ModelSource(path=out / "ln_free"), "ln_free", device="cpu", dtype="float64")
@@ -208,6 +209,43 @@ def test_repeat_pool(tokenizer):
         repeat_pool(tokenizer, "names")
 
 
+def test_split_first_word_splits_only_the_opening_word_and_keeps_the_text(docs, tokenizer):
+    import random
+
+    from analysis.tinymodel.build import split_word_ids, tokenize_docs
+
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    one = "One day Mary and John went to the park, and John gave a ball to Mary."
+    assert len(encode("One")) == 1  # a common opening is one token at a document's start
+    split = tokenize_docs(tokenizer, [one], split_first_word=1.0, seed=0)
+    pieces = len(split) - len(encode(one))  # "One"'s pieces (the stream also has <|endoftext|>)
+    assert pieces >= 2 and tokenizer.decode(split[:pieces]) == "One"
+    assert split[pieces:] == encode(one)[1:] + [tokenizer.eos_token_id]  # the rest is as before
+    # no letters first, or a one-letter word: nothing to split
+    for doc in ("1732 was a year.", "A cat sat.", ", and then"):
+        assert tokenize_docs(tokenizer, [doc], split_first_word=1.0) == encode(doc) + [tokenizer.eos_token_id]
+    # a seeded fraction of documents; the text is the same; 0 is the plain stream
+    plain_starts, half_starts = [], []
+    plain = tokenize_docs(tokenizer, docs, plain_starts)
+    assert tokenize_docs(tokenizer, docs, split_first_word=0.0, seed=7) == plain
+    half = tokenize_docs(tokenizer, docs, half_starts, split_first_word=0.5, seed=0)
+    assert half == tokenize_docs(tokenizer, docs, split_first_word=0.5, seed=0)
+    assert half != tokenize_docs(tokenizer, docs, split_first_word=0.5, seed=1)
+    assert tokenizer.decode(half) == tokenizer.decode(plain)
+    bounds = lambda starts, stream: list(zip(starts, [*starts[1:], len(stream)]))  # noqa: E731
+    changed = [plain[a:b] != half[c:d]
+               for (a, b), (c, d) in zip(bounds(plain_starts, plain), bounds(half_starts, half))]
+    assert 0.3 < sum(changed) / len(docs) < 0.6  # a split can fall where the plain tokens already cut
+    # split_word_ids: the word's text, in 2 or more pieces, seeded
+    for seed in range(20):
+        ids = split_word_ids(tokenizer, "Yesterday", random.Random(seed))
+        assert tokenizer.decode(ids) == "Yesterday" and len(ids) >= 2
+    assert split_word_ids(tokenizer, "Yesterday", random.Random(3)) == split_word_ids(tokenizer, "Yesterday",
+                                                                                      random.Random(3))
+    with pytest.raises(ValueError, match="split_first_word"):
+        tokenize_docs(tokenizer, docs, split_first_word=1.5)
+
+
 def test_document_start_rows():
     from analysis.tinymodel.build import document_start_rows
 
@@ -249,6 +287,7 @@ def test_build_config_is_checked_before_any_stage(tmp_path):
         (dataclasses.replace(cfg, start_rows=-0.1), "start_rows"),
         (dataclasses.replace(cfg, repeat_rows=0.5, start_rows=0.5), "repeat_rows \\+ start_rows < 1"),
         (dataclasses.replace(cfg, ioi_grammar=1.5), "ioi_grammar"),
+        (dataclasses.replace(cfg, split_first_word=-0.1), "split_first_word"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(128, 0.5, 2),)), "context must be in"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 1.5, 2),)), "repeat_fraction"),
         (dataclasses.replace(cfg, curriculum=(CurriculumPhase(16, 0.5, 2, "middles"),)), "text must be one of"),

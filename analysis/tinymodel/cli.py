@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="pretraining batch size (sequences)")
     p.add_argument("--decay-steps", type=int,
                    help="hold the peak lr after the warmup and decay it over only the last N pretraining steps "
-                        "(default 1000, the shipped trio's; N equal to --steps gives one cosine after the warmup)")
+                        "(default 2500, the shipped trio's; N equal to --steps gives one cosine after the warmup)")
     p.add_argument("--curriculum", type=parse_curriculum, metavar="CTX:FRACTION:STEPS[:TEXT][:LO-HI],...",
                    help="context curriculum before the full-length rows, e.g. 32:1.0:300,32:0.5:700:starts:3-12 "
                         "(STEPS steps on rows of CTX tokens, FRACTION of them repeated random sequences of LO-HI "
@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fraction of the full-length training rows that are documents' starts (as task prompts are)")
     p.add_argument("--ioi-grammar", type=float,
                    help="fraction of the corpus's IOI sentences drawn from its grammar instead of the fixed templates")
+    p.add_argument("--split-first-word", type=float,
+                   help="fraction of training documents whose first word is split into random pieces (BPE-dropout "
+                        "on that word), as an opening word the tokenizer never saw there is (default 0.3)")
     p.add_argument("--repeat-pool", choices=("vocab", "words"),
                    help="tokens the repeated rows draw from: the whole vocabulary, or the induction task's word tokens")
     p.add_argument("--pretrain-minutes", type=float, help="safety stop for pretraining")
@@ -110,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         repeat_rows=args.repeat_rows if args.repeat_rows is not None else cfg.repeat_rows,
         start_rows=args.start_rows if args.start_rows is not None else cfg.start_rows,
         ioi_grammar=args.ioi_grammar if args.ioi_grammar is not None else cfg.ioi_grammar,
+        split_first_word=args.split_first_word if args.split_first_word is not None else cfg.split_first_word,
         curriculum=args.curriculum if args.curriculum is not None else cfg.curriculum,
         repeat_pool=args.repeat_pool or cfg.repeat_pool,
         repeat_span=args.repeat_span or cfg.repeat_span,

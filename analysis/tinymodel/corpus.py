@@ -193,6 +193,23 @@ STORY_SENTENCES = (
     "{X} whispered a secret to the {ANIMAL}.",
     "The little {ANIMAL} was lost, so {X} took it home.",
     "{X} baked a pie with {his} grandma.",
+    # more contexts for words of the held-out IOI clauses, so none is known from one sentence only (with
+    # "wrote a note and left it" its only use of "note", the previous trio's original predicted " left" after
+    # "wrote a note to")
+    "{X} found a note under the door.",
+    '{X} read the note twice. It said, "See you soon!"',
+    "There was a note on the {OBJECT}.",
+    "{X} wrote {his} name on the {OBJECT}.",
+    "{X} wrote a story about a {ANIMAL}.",
+    "{X} tossed the {OBJECT} up in the air and caught it.",
+    "{X} lent {Y} some {FOOD}.",
+    "The days passed quickly.",
+    "{X} passed the test at school.",
+    "The {ANIMAL} was sitting on the roof.",
+    "{X} spent all {his} money on {FOOD}.",
+    "{X}'s dad cleaned the car.",
+    "The {ANIMAL} was still asleep.",
+    "{X} was late for school.",
 )
 ENDINGS = (
     "In the end, {X} and {Y} were very happy.",
@@ -253,6 +270,10 @@ IOI_GIVINGS = (  # each may follow an adverb
     "returned the {OBJECT}", "mailed a card", "sent a gift", "carried the {OBJECT}", "rolled the {OBJECT}",
     "kicked the {OBJECT}", "said sorry", "told a joke", "explained the game", "sent a {OBJECT}",
     "gave a present", "showed a picture", "brought the {OBJECT} back", "gave a big hug", "sent a message",
+    "drew a picture", "painted a picture", "baked a cake", "made a {OBJECT}", "played a song", "told a story",
+    "blew a kiss", "showed a trick", "taught a song", "whispered a secret", "shouted hello", "served a snack",
+    "delivered the {OBJECT}", "gave a smile", "sent a postcard", "read a poem", "described the {PLACE}",
+    "explained the rules", "mailed the {OBJECT}", "gave the {OBJECT} away",
 )
 IOI_INTENTS = (  # never after an adverb
     "decided to give the {OBJECT}", "wanted to give a {OBJECT}", "tried to hand the {OBJECT}",

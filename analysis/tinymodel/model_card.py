@@ -73,6 +73,10 @@ def render_model_card(m: dict[str, Any]) -> str:
                 f"IOI-style sentences (a fraction {grammar:g} of them from a grammar of further intros and actions,\n"
                 "`corpus.ioi_grammar_template`, the rest from the training templates; none held out; training name "
                 "pairs only;\nthe held-out documents are drawn the same way)")
+    split = data.get("split_first_word", 0.0)
+    split_note = (f" In a seeded fraction {split:g} of the training documents the first word (which has no\n"
+                  "leading space) is split into random pieces (`build.split_word_ids`, BPE-dropout on that word), as "
+                  "an opening word\nthe tokenizer never saw there is." if split else "")
     position_note = (" position embeddings initialised to a sin/cos table,"
                      if pre.get("position_init") == "sinusoidal" else "")
     phases = pre.get("curriculum") or []
@@ -126,7 +130,7 @@ sequences and simple facts. {data['train_docs']:,} training documents{start_note
 ({data['train_tokens']:,} tokens in {data['train_sequences']:,} sequences of {data['context']}),
 {data['heldout_docs']:,} held-out documents from a separate seed stream
 ({data['heldout_tokens']:,} tokens) for cross-entropy. Task prompts below use held-out
-templates and held-out name / year combinations that never occur in the training corpus.
+templates and held-out name / year combinations that never occur in the training corpus.{split_note}
 
 ## Training
 
