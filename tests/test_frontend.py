@@ -5,8 +5,8 @@ its field, DLA heatmaps for every role, the LN-treatment toggle, a permalink rel
 result views, history, a job's progress bar, and the circuit view (with a circuit-tracer graph
 file when the server has no circuit kind yet). No request may leave the server's origin.
 
-Screenshots of every view go to a pytest temp dir (printed at the end); with
-LNSCOPE_DOCS_SCREENSHOT=1 the DLA screenshot is also copied to docs/screenshot-dla.png.
+Screenshots of every view go to a pytest temp dir (printed at the end); README's screenshot of
+the shipped tiny trio is taken by docs/screenshot.py.
 Needs: `pip install playwright` (no `playwright install`) and `apt-get install chromium`
 (or LNSCOPE_CHROMIUM=/path/to/chromium).
 """
@@ -205,10 +205,7 @@ def test_dla_runs_and_every_role_has_a_heatmap(page, server, shots):
     ranges = page.evaluate("() => ['original','ln_free','control'].map(r => document.getElementById('dla-heads-' + r).data[0].zmax)")
     assert len(set(ranges)) == 1
     assert page.locator("#dla-errors .main-svg").count() >= 1
-    path = shot(page, shots, "dla")
-    if os.environ.get("LNSCOPE_DOCS_SCREENSHOT"):
-        (ROOT / "docs").mkdir(exist_ok=True)
-        shutil.copy(path, ROOT / "docs" / "screenshot-dla.png")
+    shot(page, shots, "dla")
 
 
 def test_ln_treatment_toggle_changes_the_original_not_ln_free(page, server, shots):
