@@ -126,7 +126,9 @@ def _forward_from(bridge, layer: int, resid: torch.Tensor, prefix: _PrefixKV | _
     (indices into pos'), only those positions go through ln_final and the unembedding: [rows, len(read), vocab],
     and with `last_mlp_read_only` through the last block's MLP too (nothing reads its other positions). With
     `unembed`, only its vocabulary entries are computed: [rows, len(read), len(unembed.vocab)]."""
-    kwargs = {} if prefix is None else {"past_key_values": prefix}
+    # TransformerLens's attention bridge takes the cache as `past_key_values` or `layer_past`; transformers 5.24's
+    # GPT2Block renames `past_key_values` to `cache` on its way to the attention, but passes `layer_past` through
+    kwargs = {} if prefix is None else {"layer_past": prefix}
     blocks = bridge.blocks[layer:]
     for i, block in enumerate(blocks):
         only = read if last_mlp_read_only and read is not None and i == len(blocks) - 1 else None
