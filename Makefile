@@ -28,7 +28,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)" 2>&1 | $(QUIET)
 	$(PIP) install -e ".[test]" 2>&1 | $(QUIET)
-	$(BIN)/python -c "import analysis, server, transformer_lens, fastapi"
+	$(BIN)/python -c "import lnscope.analysis, lnscope.server, transformer_lens, fastapi"
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,10 +10,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from analysis import dla as dla_module
-from analysis import ln_stats as ln_stats_module
+from lnscope.analysis import dla as dla_module
+from lnscope.analysis import ln_stats as ln_stats_module
 
-from analysis.kinds import Inputs, Kind, RequestError, RunContext, register
+from lnscope.analysis.kinds import Inputs, Kind, RequestError, RunContext, register
 
 
 class _Options(BaseModel):
@@ -100,7 +100,7 @@ def _run_ln_stats(ctx: RunContext):
         n_ctx = min(m.bridge.cfg.n_ctx for m in ctx.models.values())
         tokenizer = next(iter(ctx.models.values())).tokenizer
         seqs = ln_stats_module.text_sequences(tokenizer, ctx.inputs.texts, n_ctx)[: ctx.limits.max_prompts]
-        from analysis.tasks.base import pad_right, pad_id
+        from lnscope.analysis.tasks.base import pad_right, pad_id
 
         tokens, lengths = pad_right(seqs, pad_id(tokenizer)), [len(s) for s in seqs]
     elif ctx.inputs.end_pos is not None:
@@ -167,7 +167,7 @@ class ConfidenceOptions(_Options):
 
 def _text_tokens(ctx: RunContext, max_tokens: int):
     """The text inputs as BOS-prefixed, right-padded chunks: (tokens [batch, pos], lengths [batch])."""
-    from analysis.tasks.base import pad_id, pad_right
+    from lnscope.analysis.tasks.base import pad_id, pad_right
 
     n_ctx = min(m.bridge.cfg.n_ctx for m in ctx.models.values())
     tokenizer = next(iter(ctx.models.values())).tokenizer
@@ -178,7 +178,7 @@ def _text_tokens(ctx: RunContext, max_tokens: int):
 
 
 def _run_confidence(ctx: RunContext):
-    from analysis import confidence_neurons as cn
+    from lnscope.analysis import confidence_neurons as cn
 
     o: ConfidenceOptions = ctx.options  # type: ignore[assignment]
     tokens, lengths = _text_tokens(ctx, o.max_tokens)
@@ -239,7 +239,7 @@ def _task(ctx: RunContext):
 
 
 def _run_atp(ctx: RunContext):
-    from analysis import patching
+    from lnscope.analysis import patching
 
     o: AtPOptions = ctx.options  # type: ignore[assignment]
     t = _task(ctx)
@@ -249,7 +249,7 @@ def _run_atp(ctx: RunContext):
 
 
 def _run_act_patch(ctx: RunContext):
-    from analysis import patching
+    from lnscope.analysis import patching
 
     o: ActPatchOptions = ctx.options  # type: ignore[assignment]
     t = _task(ctx)
@@ -259,7 +259,7 @@ def _run_act_patch(ctx: RunContext):
 
 
 def _run_fidelity(ctx: RunContext):
-    from analysis import patching
+    from lnscope.analysis import patching
 
     o: FidelityOptions = ctx.options  # type: ignore[assignment]
     t = _task(ctx)

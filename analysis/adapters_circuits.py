@@ -13,13 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from analysis.kinds import Inputs, Kind, RequestError, RunContext, register
-from analysis.adapters import TargetIn, _Options, single_token
-from analysis.pairs import ROLES, PairSpec
-from analysis.results import Manifest, make_manifest, run_per_role
-from analysis.transcoders.diff import CircuitDiff, paired_circuits
-from analysis.transcoders.features import FeatureIndex, FeaturePage, feature_page
-from analysis.transcoders.formats import (
+from lnscope.analysis.kinds import Inputs, Kind, RequestError, RunContext, register
+from lnscope.analysis.adapters import TargetIn, _Options, single_token
+from lnscope.analysis.pairs import ROLES, PairSpec
+from lnscope.analysis.results import Manifest, make_manifest, run_per_role
+from lnscope.analysis.transcoders.diff import CircuitDiff, paired_circuits
+from lnscope.analysis.transcoders.features import FeatureIndex, FeaturePage, feature_page
+from lnscope.analysis.transcoders.formats import (
     FileCache,
     TranscoderFormatError,
     cached_transcoders_for,
@@ -27,7 +27,7 @@ from analysis.transcoders.formats import (
     transcoder_dir,
     transcoder_fingerprint,
 )
-from analysis.transcoders.graph import AttributionGraph, CTGraphJSON, GraphPath, GraphSummary, attribute
+from lnscope.analysis.transcoders.graph import AttributionGraph, CTGraphJSON, GraphPath, GraphSummary, attribute
 
 def _transcoder_resources(pair: PairSpec, roles: list[str]) -> dict[str, Any]:
     """422 naming `roles` when a role has no transcoders; else their fingerprints (result identity)."""

@@ -18,9 +18,9 @@ import torch
 from pydantic import BaseModel, Field
 from transformer_lens.ActivationCache import ActivationCache
 
-from analysis.device import dtype_name
-from analysis.loading import LoadedModel, load_hf_model, load_model
-from analysis.pairs import ModelSource, Role
+from lnscope.analysis.device import dtype_name
+from lnscope.analysis.loading import LoadedModel, load_hf_model, load_model
+from lnscope.analysis.pairs import ModelSource, Role
 
 CHECK_PROMPTS: tuple[str, ...] = (
     "When Mary and John went to the store, John gave a drink to",

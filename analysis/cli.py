@@ -7,19 +7,19 @@ import logging
 import sys
 from typing import Callable
 
-from analysis.errors import LnscopeError
+from lnscope.analysis.errors import LnscopeError
 
 # Each entry is `module:function` where function(subparsers) adds one sub-command and
 # sets `func=handler(args) -> int` as its default. Modules are imported lazily so that
 # `lnscope --help` stays fast.
 _COMMANDS: list[str] = [
-    "analysis.commands.check_pair:register",
-    "server.cli:register",
-    "analysis.remove_ln.cli:register",
-    "analysis.tinymodel.cli:register",
-    "analysis.commands.evaluate:register",
-    "analysis.commands.analyze:register",
-    "analysis.transcoders.cli:register",
+    "lnscope.analysis.commands.check_pair:register",
+    "lnscope.server.cli:register",
+    "lnscope.analysis.remove_ln.cli:register",
+    "lnscope.analysis.tinymodel.cli:register",
+    "lnscope.analysis.commands.evaluate:register",
+    "lnscope.analysis.commands.analyze:register",
+    "lnscope.analysis.transcoders.cli:register",
 ]
 
 

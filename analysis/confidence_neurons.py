@@ -36,10 +36,10 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 import torch
 from pydantic import BaseModel, Field
 
-from analysis.errors import LnscopeError
-from analysis.loading import LoadedModel
-from analysis.progress import Progress, ensure
-from analysis.results import Manifest, make_manifest
+from lnscope.analysis.errors import LnscopeError
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.progress import Progress, ensure
+from lnscope.analysis.results import Manifest, make_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from analysis.errors import ConfigError
+from lnscope.analysis.errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

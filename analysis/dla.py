@@ -26,9 +26,9 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from analysis.loading import LoadedModel
-from analysis.progress import Progress, ensure
-from analysis.results import Manifest, make_manifest, run_per_role
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.progress import Progress, ensure
+from lnscope.analysis.results import Manifest, make_manifest, run_per_role
 
 logger = logging.getLogger(__name__)
 

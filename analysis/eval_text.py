@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from analysis.pairs import PairSpec
+from lnscope.analysis.pairs import PairSpec
 
 PACKAGED = Path(__file__).parent / "data" / "eval_text.txt"
 TINY_EVAL_DOCS = 64
@@ -35,8 +35,8 @@ def pair_eval_text(pair: PairSpec) -> list[str]:
             if candidate.is_file():
                 return list(_read(candidate))
     if pair.name == "tiny":
-        from analysis.tinymodel.build import trio_ioi_grammar
-        from analysis.tinymodel.corpus import generate_documents
+        from lnscope.analysis.tinymodel.build import trio_ioi_grammar
+        from lnscope.analysis.tinymodel.corpus import generate_documents
 
         return generate_documents(TINY_EVAL_DOCS, seed=TINY_EVAL_SEED, split="heldout",
                                   ioi_grammar=trio_ioi_grammar(src.path))

@@ -10,11 +10,11 @@ from typing import Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
-from analysis.ln_stats import CERow, loss_trio
-from analysis.loading import LoadedModel
-from analysis.progress import Progress, ensure
-from analysis.results import Manifest, make_manifest
-from analysis.tasks import TaskResult, build_task, evaluate_task
+from lnscope.analysis.ln_stats import CERow, loss_trio
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.progress import Progress, ensure
+from lnscope.analysis.results import Manifest, make_manifest
+from lnscope.analysis.tasks import TaskResult, build_task, evaluate_task
 
 EVAL_TASKS: tuple[str, ...] = ("ioi", "greater_than", "induction")
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from analysis.checks import tokenize_prompts
-from analysis.errors import LnscopeError
+from lnscope.analysis.checks import tokenize_prompts
+from lnscope.analysis.errors import LnscopeError
 
-from analysis.kinds import Inputs, Kind, Limits, RequestError
-from analysis.requests import AnalysisRequest
+from lnscope.analysis.kinds import Inputs, Kind, Limits, RequestError
+from lnscope.analysis.requests import AnalysisRequest
 
 
 def _max_tokens(limits: Limits, n_ctx: int) -> int:
@@ -28,7 +28,7 @@ def prompt_inputs(request: AnalysisRequest, tokenizer, n_ctx: int, limits: Limit
 
 
 def task_inputs(request: AnalysisRequest, tokenizer, n_ctx: int, limits: Limits):
-    from analysis import tasks
+    from lnscope.analysis import tasks
 
     spec = request.task
     assert spec is not None

@@ -12,12 +12,12 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from analysis.errors import LnscopeError
-from analysis.loading import LoadedModel
-from analysis.pairs import PairSpec
-from analysis.progress import Progress
+from lnscope.analysis.errors import LnscopeError
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.pairs import PairSpec
+from lnscope.analysis.progress import Progress
 
-from analysis.requests import AnalysisRequest
+from lnscope.analysis.requests import AnalysisRequest
 
 
 class RequestError(LnscopeError, ValueError):
@@ -112,5 +112,5 @@ def register(kind: Kind) -> Kind:
 
 def load_builtin_kinds() -> None:
     """Import the adapters that register the built-in kinds (idempotent)."""
-    import analysis.adapters  # noqa: F401
-    import analysis.adapters_circuits  # noqa: F401
+    import lnscope.analysis.adapters  # noqa: F401
+    import lnscope.analysis.adapters_circuits  # noqa: F401

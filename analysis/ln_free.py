@@ -22,7 +22,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 
-from analysis.errors import NotLnFreeError
+from lnscope.analysis.errors import NotLnFreeError
 
 # sqrt(eps) must dwarf the residual std for LN(x) to be linear: at eps 1e12 and a residual
 # std of 1e3 the relative error of the linear map is std^2 / (2 eps) = 5e-7.

@@ -22,10 +22,10 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from pydantic import BaseModel, Field
 
-from analysis.loading import LoadedModel
-from analysis.pairs import ModelSource
-from analysis.progress import Progress, ensure
-from analysis.results import PAPER_ORDER, Manifest, make_manifest, run_per_role
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.progress import Progress, ensure
+from lnscope.analysis.results import PAPER_ORDER, Manifest, make_manifest, run_per_role
 
 logger = logging.getLogger(__name__)
 

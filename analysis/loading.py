@@ -22,12 +22,12 @@ try:  # the HTTP client huggingface_hub is built on (httpx2 from hub 1.x on)
 except ImportError:  # pragma: no cover
     import httpx
 
-from analysis import __version__
-from analysis.device import dtype_name, resolve_device, resolve_dtype
-from analysis.errors import ModelLoadError
-from analysis.ln_free import check_released_format, linearize_layer_norms, remove_normalization
-from analysis.pairs import ModelSource, PairSpec, Role
-from analysis.tl_compat import keep_float64_in_weight_processing
+from lnscope.analysis import __version__
+from lnscope.analysis.device import dtype_name, resolve_device, resolve_dtype
+from lnscope.analysis.errors import ModelLoadError
+from lnscope.analysis.ln_free import check_released_format, linearize_layer_norms, remove_normalization
+from lnscope.analysis.pairs import ModelSource, PairSpec, Role
+from lnscope.analysis.tl_compat import keep_float64_in_weight_processing
 
 keep_float64_in_weight_processing()
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from analysis.errors import ConfigError, UnknownPairError, UnknownRoleError
+from lnscope.analysis.errors import ConfigError, UnknownPairError, UnknownRoleError
 
 Role = Literal["original", "ln_free", "control"]
 ROLES: tuple[Role, ...] = ("original", "ln_free", "control")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
-from analysis.errors import LnscopeError
+from lnscope.analysis.errors import LnscopeError
 
 T = TypeVar("T")
 

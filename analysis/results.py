@@ -6,9 +6,9 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from analysis import __version__
-from analysis.loading import LoadedModel
-from analysis.progress import Progress, ensure
+from lnscope.analysis import __version__
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.progress import Progress, ensure
 
 R = TypeVar("R")
 PAPER_ORDER: tuple[str, ...] = ("original", "control", "ln_free")  # the paper's table layout

@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.loading import load_model  # noqa: E402
-from analysis.pairs import ModelSource  # noqa: E402
-from analysis.patching import DEFAULT_NODES, activation_patching, attribution_patching  # noqa: E402
+from lnscope.analysis.loading import load_model  # noqa: E402
+from lnscope.analysis.pairs import ModelSource  # noqa: E402
+from lnscope.analysis.patching import DEFAULT_NODES, activation_patching, attribution_patching  # noqa: E402
 
 
 def gpt2_small_shaped(root: Path) -> Path:
@@ -184,7 +184,7 @@ def bench_model(name: str, model, n_prompts: int, n_pos: int, tl_nodes: list[str
           f"max |diff| {diff:.1e}; peak {peak_ours}")
 
     try:
-        from analysis.dla import DLATarget, dla
+        from lnscope.analysis.dla import DLATarget, dla
     except ImportError:
         print("DLA: analysis.dla not available, skipped")
         return
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     chunk = args.chunk_size
 
     if not args.skip_tiny:
-        from analysis.pairs import PairRegistry
+        from lnscope.analysis.pairs import PairRegistry
 
         try:
             spec = PairRegistry.load().get("tiny")

@@ -38,10 +38,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def library_seconds(pair_name: str, n: int) -> list[float]:
-    from analysis.checks import tokenize_prompts
-    from analysis.dla import DLATarget, dla_trio
-    from analysis.loading import model_cache
-    from analysis.pairs import PairRegistry
+    from lnscope.analysis.checks import tokenize_prompts
+    from lnscope.analysis.dla import DLATarget, dla_trio
+    from lnscope.analysis.loading import model_cache
+    from lnscope.analysis.pairs import PairRegistry
 
     pair = PairRegistry.load().get(pair_name)
     models = model_cache.load_pair(pair, device="cpu")
@@ -59,7 +59,7 @@ def library_seconds(pair_name: str, n: int) -> list[float]:
 
 def serve(port: int, data_dir: str) -> subprocess.Popen:
     env = {**os.environ, "LNSCOPE_DATA_DIR": data_dir, "LNSCOPE_DEVICE": "cpu", "LNSCOPE_WORKERS": "8"}
-    proc = subprocess.Popen([sys.executable, "-m", "analysis.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "lnscope.analysis.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -55,7 +55,7 @@ def fallback_trio(root: Path) -> dict[str, Path]:
 
 
 def sources() -> tuple[str, dict[str, Path]]:
-    from analysis.pairs import PairRegistry
+    from lnscope.analysis.pairs import PairRegistry
 
     pair = PairRegistry.load().get("tiny")
     paths = {r: s.path for r, s in pair.roles().items()}
@@ -71,7 +71,7 @@ def sources() -> tuple[str, dict[str, Path]]:
 
 
 def transcoder_dir(name: str, role: str) -> Path:
-    from analysis.transcoders import default_transcoder_dir
+    from lnscope.analysis.transcoders import default_transcoder_dir
 
     d = default_transcoder_dir("tiny", role) if name == "tiny" else None
     if d is not None and (d / "config.yaml").is_file():
@@ -80,9 +80,9 @@ def transcoder_dir(name: str, role: str) -> Path:
 
 
 def ensure_transcoders(name: str, paths: dict[str, Path], roles, device: str, train_tokens: int) -> None:
-    from analysis.loading import load_model
-    from analysis.pairs import ModelSource
-    from analysis.transcoders import save_transcoders, train_transcoders
+    from lnscope.analysis.loading import load_model
+    from lnscope.analysis.pairs import ModelSource
+    from lnscope.analysis.transcoders import save_transcoders, train_transcoders
     from tests.checkpoints import TEXT
 
     for role in roles:
@@ -93,8 +93,8 @@ def ensure_transcoders(name: str, paths: dict[str, Path], roles, device: str, tr
         model = load_model(ModelSource(path=paths[role]), role, device=device)
         texts = TEXT * 50
         if name == "tiny":
-            from analysis.tinymodel.build import trio_ioi_grammar
-            from analysis.tinymodel.corpus import generate_documents
+            from lnscope.analysis.tinymodel.build import trio_ioi_grammar
+            from lnscope.analysis.tinymodel.corpus import generate_documents
 
             texts = generate_documents(500, seed=0, split="train", ioi_grammar=trio_ioi_grammar(paths["original"]))
         tset, res = train_transcoders(model, texts, d_transcoder=8 * int(model.bridge.cfg.d_model), activation="topk", k=16,
@@ -113,9 +113,9 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 def one(args) -> dict:
     """Runs in a subprocess: one (role, length) measurement, printed as JSON."""
-    from analysis.loading import load_model
-    from analysis.pairs import ModelSource
-    from analysis.transcoders import attribute, load_transcoders
+    from lnscope.analysis.loading import load_model
+    from lnscope.analysis.pairs import ModelSource
+    from lnscope.analysis.transcoders import attribute, load_transcoders
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)

@@ -60,7 +60,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
         env = {**os.environ, "LNSCOPE_DATA_DIR": data, "LNSCOPE_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "analysis.cli", "serve", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "lnscope.analysis.cli", "serve", "--port", str(port),
                                  "--pair", args.pair], cwd=ROOT, env=env)
         try:
             wait_for_health(base, proc)

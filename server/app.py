@@ -15,21 +15,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from analysis import __version__
-from analysis.errors import LnscopeError, ModelLoadError, UnknownPairError, UnknownRoleError
-from analysis.inputs import prepare_inputs
-from analysis.kinds import KINDS, RequestError, RunContext, load_builtin_kinds
-from analysis.pairs import PairRegistry, PairSpec
+from lnscope.analysis import __version__
+from lnscope.analysis.errors import LnscopeError, ModelLoadError, UnknownPairError, UnknownRoleError
+from lnscope.analysis.inputs import prepare_inputs
+from lnscope.analysis.kinds import KINDS, RequestError, RunContext, load_builtin_kinds
+from lnscope.analysis.pairs import PairRegistry, PairSpec
 
-from server.frontend import mount_frontend
-from server.jobs import Job, QueueFull
-from server.schemas import (
+from lnscope.server.frontend import mount_api_docs, mount_frontend
+from lnscope.server.jobs import Job, QueueFull
+from lnscope.server.schemas import (
     AnalysisRequest, ErrorBody, Health, JobInfo, KindInfo, ModelsResponse, PairInfo, ResultOut, ResultPage,
     RoleInfo, TokenizeRequest, TokenizeResponse, TokenOut,
 )
-from server.settings import Settings
-from server.state import ServerState
-from server.storage import ResultRow, request_hash
+from lnscope.server.settings import Settings
+from lnscope.server.state import ServerState
+from lnscope.server.storage import ResultRow, request_hash
 
 logger = logging.getLogger("lnscope.server")
 API_PREFIX = "/api/v1"
@@ -105,7 +105,7 @@ def load_models(pair: str, request: Request) -> PairInfo:
 
 @router.get("/tasks", summary="Built-in tasks and their parameters")
 def list_tasks() -> list[dict[str, Any]]:
-    from analysis.tasks import describe_builtin_tasks
+    from lnscope.analysis.tasks import describe_builtin_tasks
 
     return describe_builtin_tasks()
 
@@ -257,7 +257,7 @@ def get_feature(
 
 
 def _default_text(spec: PairSpec) -> list[str]:
-    from analysis.eval_text import pair_eval_text
+    from lnscope.analysis.eval_text import pair_eval_text
 
     try:
         return pair_eval_text(spec)
@@ -331,7 +331,7 @@ def create_app(settings: Settings | None = None, registry: PairRegistry | None =
         title="lnscope", version=__version__,
         description="Compare a transformer with its LayerNorm-free twin: exact DLA, patching, confidence "
                     "neurons, LN statistics. Long analyses run as jobs; every result is stored and shareable.",
-        openapi_url=f"{API_PREFIX}/openapi.json", docs_url="/docs", lifespan=lifespan,
+        openapi_url=f"{API_PREFIX}/openapi.json", docs_url=None, redoc_url=None, lifespan=lifespan,
     )
     app.state.lnscope = state
     if settings.cors_origins:
@@ -361,5 +361,6 @@ def create_app(settings: Settings | None = None, registry: PairRegistry | None =
 
     app.include_router(public)
     app.include_router(router)
+    mount_api_docs(app, app.openapi_url)
     mount_frontend(app)
     return app

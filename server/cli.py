@@ -19,8 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import create_app
-    from server.settings import Settings
+    from lnscope.server.app import create_app
+    from lnscope.server.settings import Settings
 
     settings = Settings.from_env(
         host=args.host, port=args.port, pair=args.pair, device=args.device, dtype=args.dtype,

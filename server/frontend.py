@@ -1,29 +1,40 @@
-"""The web frontend: static ES modules from frontend/ at `/`, Plotly.js from the installed plotly package.
+"""The web frontend and the API docs, all served from installed packages (no CDN, no build step).
 
-No build step and no CDN: index.html, css/ and js/ are served as they are, and Plotly.js is the
-`plotly.min.js` that the plotly Python package ships in its package data (`/vendor/plotly.min.js`).
+- `/`, `/css`, `/js`: the static ES modules of `lnscope.frontend`, found through importlib.resources;
+- `/vendor/plotly.min.js`: the Plotly.js that the plotly package ships in its package data;
+- `/docs`, `/redoc`: Swagger UI and ReDoc pages whose scripts are the assets vendored by fastapi-offline.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-FRONTEND_DIR = Path(__file__).resolve().parents[1] / "frontend"
 PLOTLY_ROUTE = "/vendor/plotly.min.js"
+DOCS_ASSETS_ROUTE = "/vendor/api-docs"
 
 # Small, revalidated on every load (ETag / Last-Modified), so an upgrade is picked up at once.
 _NO_STALE = {"Cache-Control": "no-cache"}
 
 
+def frontend_dir() -> Path:
+    """The installed `lnscope.frontend` package's folder (index.html, css/, js/)."""
+    return Path(str(resources.files("lnscope.frontend")))
+
+
+def docs_assets_dir() -> Path:
+    """Swagger UI's and ReDoc's scripts and styles as fastapi-offline ships them."""
+    return Path(str(resources.files("fastapi_offline") / "static"))
+
+
 def plotly_js_path() -> Path:
     """The plotly.min.js bundled with the installed plotly package."""
-    import plotly
-
-    path = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+    path = Path(str(resources.files("plotly") / "package_data" / "plotly.min.js"))
     if not path.is_file():  # pragma: no cover - a broken plotly install
         raise FileNotFoundError(f"plotly.min.js not found at {path}")
     return path
@@ -40,9 +51,29 @@ class _Static(StaticFiles):
         return response
 
 
+def mount_api_docs(app: FastAPI, openapi_url: str) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc, their assets under /vendor/api-docs."""
+    app.mount(DOCS_ASSETS_ROUTE, StaticFiles(directory=docs_assets_dir()), name="api-docs-assets")
+    title = f"{app.title} API"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url, title=title,
+            swagger_js_url=f"{DOCS_ASSETS_ROUTE}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS_ROUTE}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS_ROUTE}/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url, title=title, redoc_js_url=f"{DOCS_ASSETS_ROUTE}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS_ROUTE}/favicon.png", with_google_fonts=False)
+
+
 def mount_frontend(app: FastAPI, directory: Path | None = None) -> None:
     """Serve the frontend at `/` (index.html), its files under /css, /js, and Plotly at /vendor/plotly.min.js."""
-    root = Path(directory or FRONTEND_DIR)
+    root = Path(directory) if directory is not None else frontend_dir()
     index = root / "index.html"
 
     @app.api_route(PLOTLY_ROUTE, methods=["GET", "HEAD"], include_in_schema=False)

@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from analysis.errors import LnscopeError, ModelLoadError
-from analysis.progress import Cancelled, Progress
+from lnscope.analysis.errors import LnscopeError, ModelLoadError
+from lnscope.analysis.progress import Cancelled, Progress
 
-from server.storage import Store
+from lnscope.server.storage import Store
 
 logger = logging.getLogger("lnscope.server.jobs")
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from analysis.requests import AnalysisRequest, CustomPairIn, Role, TaskSpec  # noqa: F401 (re-exported)
+from lnscope.analysis.requests import AnalysisRequest, CustomPairIn, Role, TaskSpec  # noqa: F401 (re-exported)
 
 
 class Health(BaseModel):

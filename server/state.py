@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 
-from analysis.device import dtype_name, resolve_device, resolve_dtype
-from analysis.errors import LnscopeError, ModelLoadError
-from analysis.kinds import Limits
-from analysis.loading import ModelCache, model_cache
-from analysis.pairs import ModelSource, PairRegistry, PairSpec
+from lnscope.analysis.device import dtype_name, resolve_device, resolve_dtype
+from lnscope.analysis.errors import LnscopeError, ModelLoadError
+from lnscope.analysis.kinds import Limits
+from lnscope.analysis.loading import ModelCache, model_cache
+from lnscope.analysis.pairs import ModelSource, PairRegistry, PairSpec
 
-from server.jobs import JobManager
-from server.settings import Settings
-from server.storage import Store, database_url
+from lnscope.server.jobs import JobManager
+from lnscope.server.settings import Settings
+from lnscope.server.storage import Store, database_url
 
 logger = logging.getLogger("lnscope.server")
 
@@ -116,7 +116,7 @@ class ServerState:
                 return self._tokenizers[pair.name]
         from transformers import AutoConfig, AutoTokenizer
 
-        from analysis.loading import _fetch_config
+        from lnscope.analysis.loading import _fetch_config
 
         source = pair.original
         _fetch_config(source, "original")

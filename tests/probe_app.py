@@ -1,7 +1,7 @@
 """An lnscope app with the test `probe` kind, for tests that run a real uvicorn process."""
 
-from server.app import create_app
-from analysis.kinds import KINDS, Kind
+from lnscope.server.app import create_app
+from lnscope.analysis.kinds import KINDS, Kind
 from tests.probe_kind import ProbeOptions, run_probe
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from analysis.checks import tokenize_prompts
-from analysis.dla import DLATarget, dla_trio
-from analysis.loading import ModelCache
-from analysis.pairs import PairRegistry
-from server.app import create_app
-from server.settings import Settings
+from lnscope.analysis.checks import tokenize_prompts
+from lnscope.analysis.dla import DLATarget, dla_trio
+from lnscope.analysis.loading import ModelCache
+from lnscope.analysis.pairs import PairRegistry
+from lnscope.server.app import create_app
+from lnscope.server.settings import Settings
 
 PROMPTS = [
     "When Mary and John went to the store, John gave a drink to",
@@ -143,8 +143,8 @@ IOI_PAIRS = [
 
 
 def test_patching_kinds_over_http_equal_the_library(client):
-    from analysis.patching import activation_patching_trio
-    from analysis.tasks import make_custom
+    from lnscope.analysis.patching import activation_patching_trio
+    from lnscope.analysis.tasks import make_custom
 
     task = {"name": "custom", "pairs": IOI_PAIRS}
     atp = client.post("/api/v1/analyses/attribution-patching?wait=true&timeout=120",

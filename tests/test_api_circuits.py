@@ -5,12 +5,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from analysis.loading import ModelCache
-from analysis.pairs import PairRegistry
-from analysis.transcoders import attribute
-from analysis.transcoders.formats import load_transcoders
-from server.app import create_app
-from server.settings import Settings
+from lnscope.analysis.loading import ModelCache
+from lnscope.analysis.pairs import PairRegistry
+from lnscope.analysis.transcoders import attribute
+from lnscope.analysis.transcoders.formats import load_transcoders
+from lnscope.server.app import create_app
+from lnscope.server.settings import Settings
 from tests.transcoder_fixtures import build_transcoders
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -200,7 +200,7 @@ def test_circuit_diff_without_roles_compares_original_and_ln_free(client):
 def test_feature_index_next_to_a_single_transcoder_file_and_damaged_ones(tmp_path, transcoder_dirs):
     import shutil
 
-    from analysis.transcoders import FeatureIndex, TranscoderFormatError
+    from lnscope.analysis.transcoders import FeatureIndex, TranscoderFormatError
 
     single = tmp_path / "transcoders.pt"
     single.write_bytes(b"not an index")

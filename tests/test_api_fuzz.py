@@ -6,10 +6,10 @@ from pathlib import Path
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from analysis.loading import ModelCache
-from analysis.pairs import PairRegistry
-from server.app import create_app
-from server.settings import Settings
+from lnscope.analysis.loading import ModelCache
+from lnscope.analysis.pairs import PairRegistry
+from lnscope.server.app import create_app
+from lnscope.server.settings import Settings
 from tests.checkpoints import build_trio
 
 _ROOT = Path(tempfile.mkdtemp(prefix="lnscope-fuzz-"))

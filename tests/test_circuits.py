@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.ln_stats import text_sequences
-from analysis.loading import load_model
-from analysis.pairs import ModelSource
-from analysis.transcoders import (
+from lnscope.analysis.ln_stats import text_sequences
+from lnscope.analysis.loading import load_model
+from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.transcoders import (
     AttributionGraph,
     CTGraphJSON,
     FeatureIndex,
@@ -39,8 +39,8 @@ from analysis.transcoders import (
     save_transcoders,
     train_transcoders,
 )
-from analysis.transcoders.diff import greedy_assign
-from analysis.transcoders.graph import LogitTarget, compute_influence, normalize_matrix
+from lnscope.analysis.transcoders.diff import greedy_assign
+from lnscope.analysis.transcoders.graph import LogitTarget, compute_influence, normalize_matrix
 from tests.checkpoints import TEXT
 
 torch.set_num_threads(1)
@@ -403,7 +403,7 @@ def test_paired_circuits_original_vs_ln_free(models, transcoders):
 def test_cli_transcoder_graph(transcoders, trio_dirs, tmp_path, capsys):
     import argparse
 
-    from analysis.transcoders.cli import register
+    from lnscope.analysis.transcoders.cli import register
 
     (tmp_path / "lnscope.toml").write_text(
         "[pairs.trio]\n"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from analysis.cli import main
+from lnscope.analysis.cli import main
 
 
 def test_check_pair_on_local_directories_as_json(trio_dirs, capsys):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from analysis.cli import main
+from lnscope.analysis.cli import main
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.checks import tokenize_prompts
-from analysis.confidence_neurons import (
+from lnscope.analysis.checks import tokenize_prompts
+from lnscope.analysis.confidence_neurons import (
     KNOWN_ENTROPY_NEURONS,
     ConfidenceModelResult,
     ConfidenceNeuronsError,
@@ -21,9 +21,9 @@ from analysis.confidence_neurons import (
     parse_neuron,
     weight_statistics,
 )
-from analysis.loading import load_model
-from analysis.pairs import ModelSource
-from analysis.progress import Progress
+from lnscope.analysis.loading import load_model
+from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.progress import Progress
 from tests.checkpoints import TEXT
 
 NEURONS = [3, 17, 100, 255]

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from analysis.tasks import vocab
-from analysis.tinymodel.corpus import (
+from lnscope.analysis.tasks import vocab
+from lnscope.analysis.tinymodel.corpus import (
     REPEAT_ROW_SPAN,
     _Story,
     generate_documents,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from analysis.device import resolve_device, resolve_dtype
-from analysis.errors import ConfigError
+from lnscope.analysis.device import resolve_device, resolve_dtype
+from lnscope.analysis.errors import ConfigError
 
 
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):

@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from analysis.checks import CHECK_PROMPTS, tokenize_prompts
-from analysis.dla import DLAResult, DLATarget, bootstrap_nmae, dla, dla_trio
-from analysis.loading import load_model
-from analysis.pairs import ModelSource
-from analysis.progress import Cancelled, Progress
+from lnscope.analysis.checks import CHECK_PROMPTS, tokenize_prompts
+from lnscope.analysis.dla import DLAResult, DLATarget, bootstrap_nmae, dla, dla_trio
+from lnscope.analysis.loading import load_model
+from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.progress import Cancelled, Progress
 
 A, B = 5, 7  # target: logit(A) - logit(B)
 

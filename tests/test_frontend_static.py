@@ -13,8 +13,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server.frontend import FRONTEND_DIR, PLOTLY_ROUTE, mount_frontend, plotly_js_path
+from lnscope.server.frontend import PLOTLY_ROUTE, frontend_dir, mount_frontend, plotly_js_path
 
+FRONTEND_DIR = frontend_dir()
 JS_DIR = FRONTEND_DIR / "js"
 JS_FILES = sorted(JS_DIR.rglob("*.js"))
 # import x from "./a.js"; import {a} from "../b.js"; export {c} from "./c.js"; import "./d.js"; import("./e.js")
@@ -118,8 +119,8 @@ def test_index_and_every_static_file_are_served(client):
 
 
 def test_create_app_mounts_the_frontend_without_shadowing_the_api(tmp_path):
-    from server.app import create_app
-    from server.settings import Settings
+    from lnscope.server.app import create_app
+    from lnscope.server.settings import Settings
 
     app = create_app(Settings(device="cpu", preload=False, data_dir=tmp_path / "data"))
     with TestClient(app) as c:

@@ -10,12 +10,12 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from analysis.loading import ModelCache
-from analysis.pairs import PairRegistry
-from server.app import create_app
-from analysis.kinds import KINDS, Kind
-from server.settings import Settings
-from server.storage import Store
+from lnscope.analysis.loading import ModelCache
+from lnscope.analysis.pairs import PairRegistry
+from lnscope.server.app import create_app
+from lnscope.analysis.kinds import KINDS, Kind
+from lnscope.server.settings import Settings
+from lnscope.server.storage import Store
 
 from tests.probe_kind import GATE, MAX_CONCURRENT, RUNNING, ProbeOptions, run_probe
 
@@ -233,7 +233,7 @@ def test_tokenize(config):
 
 def test_workers_restart_while_an_old_worker_is_still_busy(tmp_path):
     """stop() with a job still running, then start(): the new workers serve the queue."""
-    from server.jobs import Job, JobManager
+    from lnscope.server.jobs import Job, JobManager
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     jobs = JobManager(store, workers=1)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
-from analysis.checks import CHECK_PROMPTS, tokenize_prompts
-from analysis.ln_stats import (
+from lnscope.analysis.checks import CHECK_PROMPTS, tokenize_prompts
+from lnscope.analysis.ln_stats import (
     LNStatsResult,
     LossResult,
     frozen_ln_constants,
@@ -19,8 +19,8 @@ from analysis.ln_stats import (
     loss_trio,
     text_sequences,
 )
-from analysis.loading import load_model
-from analysis.pairs import ModelSource
+from lnscope.analysis.loading import load_model
+from lnscope.analysis.pairs import ModelSource
 from tests.checkpoints import TEXT
 
 CONTEXT = 16

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers import GPT2LMHeadModel
 
-from analysis.checks import CHECK_PROMPTS, check_model, dla_sum_rel_error, log_prob_rel_error, tokenize_prompts
-from analysis.errors import ModelLoadError, NotLnFreeError
-from analysis.loading import ModelCache, load_model
-from analysis.pairs import ModelSource
+from lnscope.analysis.checks import CHECK_PROMPTS, check_model, dla_sum_rel_error, log_prob_rel_error, tokenize_prompts
+from lnscope.analysis.errors import ModelLoadError, NotLnFreeError
+from lnscope.analysis.loading import ModelCache, load_model
+from lnscope.analysis.pairs import ModelSource
 
 
 def src(path):

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.errors import ConfigError, UnknownPairError, UnknownRoleError
-from analysis.pairs import ROLES, ModelSource, PairRegistry, builtin_pairs, models_dir
+from lnscope.analysis.errors import ConfigError, UnknownPairError, UnknownRoleError
+from lnscope.analysis.pairs import ROLES, ModelSource, PairRegistry, builtin_pairs, models_dir
 
 
 def test_builtin_pairs_carry_the_papers_ids_and_revisions():

@@ -10,9 +10,9 @@ import torch
 from transformer_lens import patching as tl_patching
 from transformer_lens.tools.analysis.attribution_patching import attribution_patch
 
-from analysis.loading import load_model
-from analysis.pairs import ModelSource
-from analysis.patching import (
+from lnscope.analysis.loading import load_model
+from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.patching import (
     ActPatchResult,
     AtPResult,
     FidelityResult,
@@ -29,9 +29,9 @@ from analysis.patching import (
     task_set_fidelity,
     top_k_recall,
 )
-from analysis.patching.fidelity import node_fidelity
-from analysis.progress import Cancelled, Progress
-from analysis.tasks import CustomBatch
+from lnscope.analysis.patching.fidelity import node_fidelity
+from lnscope.analysis.progress import Cancelled, Progress
+from lnscope.analysis.tasks import CustomBatch
 
 N_POS = 5
 ANSWERS = torch.tensor([[5, 9], [11, 7]])
@@ -385,7 +385,7 @@ def test_results_round_trip_and_cancel(models, pair):
 
 
 def test_metric_reads_are_found_and_confirmed():
-    from analysis.patching.activation import _metric_reads
+    from lnscope.analysis.patching.activation import _metric_reads
 
     logits = torch.randn(3, 6, 11, dtype=torch.float64)
     diff = logit_diff(torch.tensor([[1, 2], [3, 4], [5, 6]]))

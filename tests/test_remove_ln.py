@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from analysis.errors import ConfigError, ModelLoadError
-from analysis.remove_ln import (
+from lnscope.analysis.errors import ConfigError, ModelLoadError
+from lnscope.analysis.remove_ln import (
     FakeLNGPT2,
     RemoveLNConfig,
     Schedule,
@@ -23,7 +23,7 @@ from analysis.remove_ln import (
     remove_layernorm,
     removal_order,
 )
-from analysis.remove_ln.train import DataOrder, split_documents, tokenize_documents
+from lnscope.analysis.remove_ln.train import DataOrder, split_documents, tokenize_documents
 from tests.checkpoints import TEXT, make_tokenizer
 
 N_LAYER = 2
@@ -338,7 +338,7 @@ def test_refuses_an_ln_free_source(trained, train_tokens, tmp_path):
 
 
 def test_cli_with_train_text(src_dir, tmp_path):
-    from analysis.remove_ln.cli import register
+    from lnscope.analysis.remove_ln.cli import register
 
     text = tmp_path / "train.txt"
     text.write_text("\n\n".join(TEXT * 8) + "<|endoftext|>" + " ".join(TEXT))
@@ -359,12 +359,12 @@ def test_cli_with_train_text(src_dir, tmp_path):
 
 
 def test_exported_ln_free_loads_with_exact_dla(trained):
-    loading = pytest.importorskip("analysis.loading")
-    checks = pytest.importorskip("analysis.checks")
+    loading = pytest.importorskip("lnscope.analysis.loading")
+    checks = pytest.importorskip("lnscope.analysis.checks")
     if hasattr(loading, "load_model_dir"):
         loaded = loading.load_model_dir(trained.ln_free_dir, role="ln_free", device="cpu", dtype=torch.float64)
     else:
-        from analysis.pairs import ModelSource
+        from lnscope.analysis.pairs import ModelSource
 
         loaded = loading.load_model(ModelSource(path=trained.ln_free_dir), "ln_free", device="cpu", dtype=torch.float64)
     tokens, _ = checks.tokenize_prompts(loaded.tokenizer, checks.CHECK_PROMPTS, 64)

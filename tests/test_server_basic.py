@@ -3,10 +3,10 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from analysis.loading import ModelCache
-from analysis.pairs import PairRegistry
-from server.app import create_app
-from server.settings import Settings
+from lnscope.analysis.loading import ModelCache
+from lnscope.analysis.pairs import PairRegistry
+from lnscope.server.app import create_app
+from lnscope.server.settings import Settings
 
 
 @pytest.fixture

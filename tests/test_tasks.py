@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from analysis.tasks import (
+from lnscope.analysis.tasks import (
     BUILTIN_TASKS,
     build_task,
     describe_builtin_tasks,
@@ -20,7 +20,7 @@ from analysis.tasks import (
     vocab,
     year_tokens,
 )
-from analysis.tinymodel.corpus import generate_documents
+from lnscope.analysis.tinymodel.corpus import generate_documents
 from tests.test_corpus import DIGIT_PAIRS, train_bpe
 
 EOT = "<|endoftext|>"

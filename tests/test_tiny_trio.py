@@ -5,17 +5,17 @@ import json
 import pytest
 import torch
 
-from analysis.checks import check_model
-from analysis.confidence_neurons import confidence_neurons_trio
-from analysis.dla import DLATarget, dla_trio
-from analysis.eval_text import pair_eval_text
-from analysis.evaluation import evaluate_trio
-from analysis.ln_stats import text_sequences
-from analysis.loading import ModelCache
-from analysis.pairs import PairRegistry, models_dir
-from analysis.patching import activation_patching_trio, attribution_patching_trio
-from analysis.tasks import evaluate_task, make_ioi
-from analysis.tasks.base import pad_id, pad_right
+from lnscope.analysis.checks import check_model
+from lnscope.analysis.confidence_neurons import confidence_neurons_trio
+from lnscope.analysis.dla import DLATarget, dla_trio
+from lnscope.analysis.eval_text import pair_eval_text
+from lnscope.analysis.evaluation import evaluate_trio
+from lnscope.analysis.ln_stats import text_sequences
+from lnscope.analysis.loading import ModelCache
+from lnscope.analysis.pairs import PairRegistry, models_dir
+from lnscope.analysis.patching import activation_patching_trio, attribution_patching_trio
+from lnscope.analysis.tasks import evaluate_task, make_ioi
+from lnscope.analysis.tasks.base import pad_id, pad_right
 
 TINY = models_dir() / "tiny"
 ROLES = ("original", "ln_free", "control")
@@ -113,9 +113,9 @@ def test_entropy_neuron_candidate_is_ln_mediated_only_with_ln():
 @pytest.mark.parametrize("role", ROLES)
 def test_shipped_transcoders_recover_the_loss_at_low_l0(models, role):
     """Issue 6's bar, recomputed here on held-out corpus documents (not read from metrics.json)."""
-    from analysis.tinymodel.build import trio_ioi_grammar
-    from analysis.tinymodel.corpus import generate_documents
-    from analysis.transcoders import evaluate_transcoders, load_transcoders_for
+    from lnscope.analysis.tinymodel.build import trio_ioi_grammar
+    from lnscope.analysis.tinymodel.corpus import generate_documents
+    from lnscope.analysis.transcoders import evaluate_transcoders, load_transcoders_for
 
     model = models[role]
     tset = load_transcoders_for("tiny", role, model=model)
@@ -131,7 +131,7 @@ def test_shipped_transcoders_recover_the_loss_at_low_l0(models, role):
 @pytest.mark.parametrize("role", ["ln_free", "original"])
 def test_shipped_circuit_identities_hold(role):
     """Every node's incoming edges + error + bias = its input, on the real tiny models in float64."""
-    from analysis.transcoders import attribute, load_transcoders_for
+    from lnscope.analysis.transcoders import attribute, load_transcoders_for
 
     pair = PairRegistry.load().get("tiny")
     model = ModelCache().get(pair.source(role), role, device="cpu", dtype="float64")

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from analysis.checks import check_model
-from analysis.pairs import ModelSource
-from analysis.tinymodel.build import BARS, build_tiny, check_bars, micro_config
-from analysis.tinymodel.corpus import generate_documents
-from analysis.tinymodel.pretrain import PretrainConfig, pack_stream, pretrain
-from analysis.tinymodel.tokenizer import train_tokenizer
+from lnscope.analysis.checks import check_model
+from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.tinymodel.build import BARS, build_tiny, check_bars, micro_config
+from lnscope.analysis.tinymodel.corpus import generate_documents
+from lnscope.analysis.tinymodel.pretrain import PretrainConfig, pack_stream, pretrain
+from lnscope.analysis.tinymodel.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(docs, tokenizer,
 
 
 def test_micro_build_ships_a_trio_that_loads_exactly(tmp_path, monkeypatch):
-    import analysis.tinymodel.corpus as corpus_module
+    import lnscope.analysis.tinymodel.corpus as corpus_module
 
     cfg = dataclasses.replace(micro_config(), remove_ln_steps=40)
     repeat_calls, real_repeats = [], corpus_module.repeated_token_rows
@@ -106,7 +106,7 @@ def test_quality_bars_are_checked_per_role():
 def test_lr_schedule_cosine_or_held_then_decayed():
     import math
 
-    from analysis.tinymodel.pretrain import lr_at
+    from lnscope.analysis.tinymodel.pretrain import lr_at
 
     cfg = PretrainConfig(lr=2e-3, min_lr=1e-4, warmup_steps=10, steps=110)
     lrs = [lr_at(step, cfg) for step in range(cfg.steps)]
@@ -125,7 +125,7 @@ def test_lr_schedule_cosine_or_held_then_decayed():
 def test_sinusoidal_position_init():
     import math
 
-    from analysis.tinymodel.pretrain import make_model
+    from lnscope.analysis.tinymodel.pretrain import make_model
 
     cfg = PretrainConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32, position_init="sinusoidal",
                          position_init_scale=0.5)
@@ -141,7 +141,7 @@ def test_sinusoidal_position_init():
 
 
 def test_context_curriculum_runs_its_phases_in_order(docs, tokenizer, tmp_path, monkeypatch):
-    import analysis.tinymodel.pretrain as pretrain_module
+    import lnscope.analysis.tinymodel.pretrain as pretrain_module
 
     stream = [t for d in docs[:100] for t in tokenizer.encode(d, add_special_tokens=False) + [0]]
     long_rows, rows_8, rows_16 = pack_stream(stream, 32, 0), pack_stream(stream, 8, 0), pack_stream(stream, 16, 0)
@@ -178,7 +178,7 @@ def test_context_curriculum_runs_its_phases_in_order(docs, tokenizer, tmp_path, 
 def test_curriculum_option_parses():
     import argparse
 
-    from analysis.tinymodel.cli import parse_curriculum, parse_span
+    from lnscope.analysis.tinymodel.cli import parse_curriculum, parse_span
 
     assert parse_curriculum("32:1.0:300,32:0.5:700:starts") == ((32, 1.0, 300, "stream", None),
                                                                  (32, 0.5, 700, "starts", None))
@@ -198,8 +198,8 @@ def test_curriculum_option_parses():
 
 
 def test_repeat_pool(tokenizer):
-    from analysis.tasks.induction import word_token_pool
-    from analysis.tinymodel.build import repeat_pool
+    from lnscope.analysis.tasks.induction import word_token_pool
+    from lnscope.analysis.tinymodel.build import repeat_pool
 
     vocab = repeat_pool(tokenizer, "vocab")
     assert tokenizer.eos_token_id not in vocab and len(vocab) == len(tokenizer) - len(set(tokenizer.all_special_ids))
@@ -212,7 +212,7 @@ def test_repeat_pool(tokenizer):
 def test_split_first_word_splits_only_the_opening_word_and_keeps_the_text(docs, tokenizer):
     import random
 
-    from analysis.tinymodel.build import split_word_ids, tokenize_docs
+    from lnscope.analysis.tinymodel.build import split_word_ids, tokenize_docs
 
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     one = "One day Mary and John went to the park, and John gave a ball to Mary."
@@ -247,7 +247,7 @@ def test_split_first_word_splits_only_the_opening_word_and_keeps_the_text(docs, 
 
 
 def test_document_start_rows():
-    from analysis.tinymodel.build import document_start_rows
+    from lnscope.analysis.tinymodel.build import document_start_rows
 
     docs = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
     starts, stream = [], []
@@ -262,7 +262,7 @@ def test_document_start_rows():
 
 
 def test_sample_rows_uses_each_row_once_per_pass():
-    from analysis.tinymodel.build import sample_rows
+    from lnscope.analysis.tinymodel.build import sample_rows
 
     rows = torch.arange(10).reshape(5, 2)
     assert sample_rows(rows, 0, seed=0).shape == (0, 2)
@@ -279,7 +279,7 @@ def test_sample_rows_uses_each_row_once_per_pass():
 
 
 def test_build_config_is_checked_before_any_stage(tmp_path):
-    from analysis.tinymodel.build import CurriculumPhase, check_config, check_span
+    from lnscope.analysis.tinymodel.build import CurriculumPhase, check_config, check_span
 
     cfg = micro_config()
     bad = [
@@ -315,7 +315,7 @@ def test_build_config_is_checked_before_any_stage(tmp_path):
 def test_shipped_model_card_renders_from_its_metrics():
     from pathlib import Path
 
-    from analysis.tinymodel.model_card import render_model_card
+    from lnscope.analysis.tinymodel.model_card import render_model_card
 
     tiny = Path(__file__).resolve().parents[1] / "models" / "tiny"
     card = render_model_card(json.loads((tiny / "build_metrics.json").read_text()))
@@ -323,7 +323,7 @@ def test_shipped_model_card_renders_from_its_metrics():
 
 
 def test_curriculum_position_offsets(docs, tokenizer, tmp_path, monkeypatch):
-    import analysis.tinymodel.pretrain as pretrain_module
+    import lnscope.analysis.tinymodel.pretrain as pretrain_module
 
     stream = [t for d in docs[:100] for t in tokenizer.encode(d, add_special_tokens=False) + [0]]
     cfg = PretrainConfig(n_layer=1, n_head=2, n_embd=16, n_positions=32, steps=5, batch_size=4, warmup_steps=1,
@@ -350,11 +350,11 @@ def test_curriculum_position_offsets(docs, tokenizer, tmp_path, monkeypatch):
 
 
 def test_tiny_text_follows_the_corpus_the_trio_was_built_with(tmp_path):
-    from analysis.eval_text import TINY_EVAL_DOCS, TINY_EVAL_SEED, pair_eval_text
-    from analysis.pairs import ModelSource, PairSpec
-    from analysis.tinymodel.build import METRICS_FILE, trio_ioi_grammar
-    from analysis.tinymodel.corpus import generate_documents
-    from analysis.transcoders.cli import TINY_TRAIN_DOCS, training_text
+    from lnscope.analysis.eval_text import TINY_EVAL_DOCS, TINY_EVAL_SEED, pair_eval_text
+    from lnscope.analysis.pairs import ModelSource, PairSpec
+    from lnscope.analysis.tinymodel.build import METRICS_FILE, trio_ioi_grammar
+    from lnscope.analysis.tinymodel.corpus import generate_documents
+    from lnscope.analysis.transcoders.cli import TINY_TRAIN_DOCS, training_text
 
     original = tmp_path / "original"
     assert trio_ioi_grammar(None) == 0.0 == trio_ioi_grammar(original)  # no metrics: the first trio's corpus
@@ -372,8 +372,8 @@ def test_tiny_text_follows_the_corpus_the_trio_was_built_with(tmp_path):
 def test_build_defaults_are_the_shipped_trio_s_recipe():
     """`make tiny-models` (BuildConfig's defaults) rebuilds the shipped trio: the same config but the safety stop
     and pretrain.curriculum (which the build derives from the phases)."""
-    from analysis.pairs import models_dir
-    from analysis.tinymodel.build import METRICS_FILE, BuildConfig
+    from lnscope.analysis.pairs import models_dir
+    from lnscope.analysis.tinymodel.build import METRICS_FILE, BuildConfig
 
     shipped = json.loads((models_dir() / "tiny" / METRICS_FILE).read_text())["config"]
     ours = json.loads(json.dumps(BuildConfig().to_dict()))

@@ -18,11 +18,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from analysis.ln_stats import loss as ln_loss
-from analysis.ln_stats import text_sequences
-from analysis.loading import load_model
-from analysis.pairs import ModelSource
-from analysis.transcoders import (
+from lnscope.analysis.ln_stats import loss as ln_loss
+from lnscope.analysis.ln_stats import text_sequences
+from lnscope.analysis.loading import load_model
+from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.transcoders import (
     Transcoder,
     TranscoderFormatError,
     TranscoderSet,
@@ -32,8 +32,8 @@ from analysis.transcoders import (
     save_transcoders,
     train_transcoders,
 )
-from analysis.transcoders.formats import circuit_tracer_config
-from analysis.transcoders.train import ActivationBuffer, _resample, collect_activations, layer_metrics, spliced_loss
+from lnscope.analysis.transcoders.formats import circuit_tracer_config
+from lnscope.analysis.transcoders.train import ActivationBuffer, _resample, collect_activations, layer_metrics, spliced_loss
 from tests.checkpoints import TEXT
 
 torch.set_num_threads(1)
@@ -372,7 +372,7 @@ def test_load_for_pair_uses_models_dir(tmp_path, monkeypatch, models):
 
 
 def test_cli_train_transcoders(tmp_path, trio_dirs, capsys):
-    from analysis.transcoders.cli import register
+    from lnscope.analysis.transcoders.cli import register
 
     (tmp_path / "lnscope.toml").write_text(
         "[pairs.trio]\n"

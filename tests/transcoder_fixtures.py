@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analysis.loading import ModelCache
-from analysis.pairs import ModelSource
-from analysis.transcoders import build_feature_index, random_transcoders, save_transcoders
+from lnscope.analysis.loading import ModelCache
+from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.transcoders import build_feature_index, random_transcoders, save_transcoders
 
 ROLES = ("original", "ln_free", "control")
 INDEX_TEXT = ["When Mary and John went to the store, John gave a drink to Mary."] * 3 + [

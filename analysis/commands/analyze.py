@@ -6,14 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from analysis.errors import ConfigError
-from analysis.eval_text import pair_eval_text, split_documents
-from analysis.inputs import prepare_inputs
-from analysis.kinds import KINDS, Limits, RunContext, load_builtin_kinds
-from analysis.loading import model_cache
-from analysis.pairs import PairRegistry
-from analysis.progress import Progress
-from analysis.requests import AnalysisRequest
+from lnscope.analysis.errors import ConfigError
+from lnscope.analysis.eval_text import pair_eval_text, split_documents
+from lnscope.analysis.inputs import prepare_inputs
+from lnscope.analysis.kinds import KINDS, Limits, RunContext, load_builtin_kinds
+from lnscope.analysis.loading import model_cache
+from lnscope.analysis.pairs import PairRegistry
+from lnscope.analysis.progress import Progress
+from lnscope.analysis.requests import AnalysisRequest
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from analysis.checks import PairCheck, check_pair
-from analysis.errors import ConfigError
-from analysis.pairs import ModelSource, PairRegistry
+from lnscope.analysis.checks import PairCheck, check_pair
+from lnscope.analysis.errors import ConfigError
+from lnscope.analysis.pairs import ModelSource, PairRegistry
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

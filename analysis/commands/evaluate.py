@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from analysis.eval_text import pair_eval_text
-from analysis.evaluation import EVAL_TASKS, evaluate_trio, format_eval
-from analysis.loading import model_cache
-from analysis.pairs import PairRegistry
+from lnscope.analysis.eval_text import pair_eval_text
+from lnscope.analysis.evaluation import EVAL_TASKS, evaluate_trio, format_eval
+from lnscope.analysis.loading import model_cache
+from lnscope.analysis.pairs import PairRegistry
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

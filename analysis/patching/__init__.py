@@ -4,9 +4,9 @@ Modules: nodes (node types, hooks), atp (AtP / AtP* QK fix), activation (batched
 fidelity (correlations, top-k recall, normalised error, task sets), trio, results (pydantic models).
 """
 
-from analysis.patching.activation import activation_patching, act_patch_tensors
-from analysis.patching.atp import attribution_patching, atp_tensors
-from analysis.patching.fidelity import (
+from lnscope.analysis.patching.activation import activation_patching, act_patch_tensors
+from lnscope.analysis.patching.atp import attribution_patching, atp_tensors
+from lnscope.analysis.patching.fidelity import (
     bootstrap_mean_ci,
     normalized_error,
     patching_fidelity,
@@ -16,8 +16,8 @@ from analysis.patching.fidelity import (
     task_set_fidelity,
     top_k_recall,
 )
-from analysis.patching.nodes import DEFAULT_NODES, NODE_TYPES, QK_FIX_NODES
-from analysis.patching.results import (
+from lnscope.analysis.patching.nodes import DEFAULT_NODES, NODE_TYPES, QK_FIX_NODES
+from lnscope.analysis.patching.results import (
     ActPatchResult,
     AtPResult,
     FidelityResult,
@@ -30,7 +30,7 @@ from analysis.patching.results import (
     TaskSetFidelity,
     TrioResult,
 )
-from analysis.patching.trio import (
+from lnscope.analysis.patching.trio import (
     activation_patching_trio,
     attribution_patching_trio,
     patching_fidelity_trio,

@@ -39,8 +39,8 @@ from typing import Any, Iterable
 
 import torch
 
-from analysis.patching.atp import bridge_of, device_of, role_of
-from analysis.patching.nodes import (
+from lnscope.analysis.patching.atp import bridge_of, device_of, role_of
+from lnscope.analysis.patching.nodes import (
     LAYOUTS,
     NODE_TYPES,
     MetricFn,
@@ -53,8 +53,8 @@ from analysis.patching.nodes import (
     resolve_nodes,
     run_and_cache,
 )
-from analysis.patching.results import ActPatchResult, MetricSummary, NodeMap
-from analysis.progress import Progress, ensure
+from lnscope.analysis.patching.results import ActPatchResult, MetricSummary, NodeMap
+from lnscope.analysis.progress import Progress, ensure
 
 logger = logging.getLogger(__name__)
 
@@ -549,7 +549,7 @@ def activation_patching(
     batch). Effects are batch means of patched - corrupt, in metric units, or divided by
     mean(clean) - mean(corrupt) when `normalize`.
     """
-    from analysis.results import make_manifest
+    from lnscope.analysis.results import make_manifest
 
     t = act_patch_tensors(model, clean_tokens, corrupt_tokens, metric_from(metric_fn), nodes,
                           chunk_size=chunk_size, progress=progress)

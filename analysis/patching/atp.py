@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from analysis.patching.nodes import (
+from lnscope.analysis.patching.nodes import (
     NODE_TYPES,
     QK_FIX_NODES,
     MetricFn,
@@ -46,8 +46,8 @@ from analysis.patching.nodes import (
     resolve_nodes,
     run_and_cache,
 )
-from analysis.patching.results import AtPResult, MetricSummary, NodeMap
-from analysis.progress import Progress, ensure
+from lnscope.analysis.patching.results import AtPResult, MetricSummary, NodeMap
+from lnscope.analysis.progress import Progress, ensure
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +302,8 @@ def attribution_patching(
     (or a task batch with `.metric`). Estimates are batch means, in metric units, or divided by
     mean(clean metric) - mean(corrupt metric) when `normalize`.
     """
-    from analysis.patching.nodes import metric_from
-    from analysis.results import make_manifest
+    from lnscope.analysis.patching.nodes import metric_from
+    from lnscope.analysis.results import make_manifest
 
     t = atp_tensors(model, clean_tokens, corrupt_tokens, metric_from(metric_fn), nodes, qk_fix=qk_fix,
                     progress=progress)

@@ -19,10 +19,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from analysis.patching.activation import act_patch_result, act_patch_tensors
-from analysis.patching.atp import atp_result, atp_tensors, role_of
-from analysis.patching.nodes import NODE_TYPES, MetricFn, metric_from
-from analysis.patching.results import (
+from lnscope.analysis.patching.activation import act_patch_result, act_patch_tensors
+from lnscope.analysis.patching.atp import atp_result, atp_tensors, role_of
+from lnscope.analysis.patching.nodes import NODE_TYPES, MetricFn, metric_from
+from lnscope.analysis.patching.results import (
     FidelityResult,
     FidelitySummary,
     Interval,
@@ -32,7 +32,7 @@ from analysis.patching.results import (
     TaskSetFidelity,
     finite_or_none,
 )
-from analysis.progress import Progress, ensure
+from lnscope.analysis.progress import Progress, ensure
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def patching_fidelity(
     progress: Progress | None = None,
 ) -> FidelityResult:
     """AtP, AtP* and activation patching at the same nodes for one model and prompt group, side by side."""
-    from analysis.results import make_manifest
+    from lnscope.analysis.results import make_manifest
 
     run = _run_group(model, clean_tokens, corrupt_tokens, metric_from(metric_fn), nodes, qk_fix=qk_fix,
                      chunk_size=chunk_size, normalize=normalize, top_k=top_k, progress=progress)
@@ -233,7 +233,7 @@ def task_set_fidelity(
     Every group must have the same prompt length (per-node maps are pooled over prompts). With
     `normalize`, each group's effects are divided by that group's mean(clean) - mean(corrupt).
     """
-    from analysis.results import make_manifest
+    from lnscope.analysis.results import make_manifest
 
     progress = ensure(progress)
     parsed = [as_group(g, i) for i, g in enumerate(groups)]

@@ -8,8 +8,8 @@ from typing import Any, Generic, Optional, TypeVar
 import torch
 from pydantic import BaseModel, Field
 
-from analysis.patching.nodes import axis_labels
-from analysis.results import Manifest
+from lnscope.analysis.patching.nodes import axis_labels
+from lnscope.analysis.results import Manifest
 
 R = TypeVar("R")
 

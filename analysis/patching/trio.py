@@ -9,14 +9,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from analysis.loading import LoadedModel
-from analysis.patching.activation import activation_patching
-from analysis.patching.atp import attribution_patching
-from analysis.patching.fidelity import patching_fidelity, task_set_fidelity
-from analysis.patching.nodes import resolve_nodes
-from analysis.patching.results import ActPatchResult, AtPResult, FidelityResult, TaskSetFidelity, TrioResult
-from analysis.progress import Progress
-from analysis.results import make_manifest, run_per_role
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.patching.activation import activation_patching
+from lnscope.analysis.patching.atp import attribution_patching
+from lnscope.analysis.patching.fidelity import patching_fidelity, task_set_fidelity
+from lnscope.analysis.patching.nodes import resolve_nodes
+from lnscope.analysis.patching.results import ActPatchResult, AtPResult, FidelityResult, TaskSetFidelity, TrioResult
+from lnscope.analysis.progress import Progress
+from lnscope.analysis.results import make_manifest, run_per_role
 
 
 def _per_role(kind: str, models: Mapping[str, LoadedModel], run: Callable[[LoadedModel, Any], Any],

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from analysis.errors import ConfigError
+from lnscope.analysis.errors import ConfigError
 
 from .fake_ln import LN_KINDS
 

@@ -37,8 +37,8 @@ from typing import Any, Callable
 
 import torch
 
-from analysis.device import resolve_device
-from analysis.errors import ConfigError, ModelLoadError
+from lnscope.analysis.device import resolve_device
+from lnscope.analysis.errors import ConfigError, ModelLoadError
 
 from .export import export_control, export_ln_free
 from .fake_ln import FakeLNGPT2, removal_order
@@ -509,7 +509,7 @@ def remove_layernorm(
     trains and exports the LN-kept control. `resume=True` continues from OUT/checkpoints.
     `progress`: a tqdm bar (True), nothing (False), or a callback(stage, fraction).
     """
-    from analysis import __version__
+    from lnscope.analysis import __version__
 
     cfg = config or RemoveLNConfig()
     cfg.validate()

@@ -1,8 +1,8 @@
 """Built-in tasks (IOI, greater-than, induction, custom pairs) and their evaluation."""
 
-from analysis.tasks.base import LogitDiffBatch, TaskBatch
-from analysis.tasks.custom import CustomBatch, make_custom
-from analysis.tasks.evaluate import (
+from lnscope.analysis.tasks.base import LogitDiffBatch, TaskBatch
+from lnscope.analysis.tasks.custom import CustomBatch, make_custom
+from lnscope.analysis.tasks.evaluate import (
     BUILTIN_TASKS,
     TaskResult,
     TaskSpec,
@@ -10,9 +10,9 @@ from analysis.tasks.evaluate import (
     describe_builtin_tasks,
     evaluate_task,
 )
-from analysis.tasks.greater_than import GreaterThanBatch, make_greater_than, year_tokens
-from analysis.tasks.induction import InductionBatch, make_induction
-from analysis.tasks.ioi import IOIBatch, make_ioi
+from lnscope.analysis.tasks.greater_than import GreaterThanBatch, make_greater_than, year_tokens
+from lnscope.analysis.tasks.induction import InductionBatch, make_induction
+from lnscope.analysis.tasks.ioi import IOIBatch, make_ioi
 
 __all__ = [
     "BUILTIN_TASKS",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from analysis.tasks.base import (
+from lnscope.analysis.tasks.base import (
     LogitDiffBatch,
     encode,
     last_positions,

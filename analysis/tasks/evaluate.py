@@ -18,12 +18,12 @@ from jaxtyping import Float, Int
 from pydantic import BaseModel
 from torch import Tensor
 
-from analysis.tasks.base import TaskBatch
-from analysis.tasks.custom import make_custom
-from analysis.tasks.greater_than import make_greater_than
-from analysis.tasks.induction import InductionBatch, make_induction
-from analysis.tasks.ioi import CORRUPTIONS, make_ioi
-from analysis.tasks.vocab import SPLITS
+from lnscope.analysis.tasks.base import TaskBatch
+from lnscope.analysis.tasks.custom import make_custom
+from lnscope.analysis.tasks.greater_than import make_greater_than
+from lnscope.analysis.tasks.induction import InductionBatch, make_induction
+from lnscope.analysis.tasks.ioi import CORRUPTIONS, make_ioi
+from lnscope.analysis.tasks.vocab import SPLITS
 
 LogitsFn = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos vocab"]]
 

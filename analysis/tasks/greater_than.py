@@ -29,8 +29,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from analysis.tasks import vocab
-from analysis.tasks.base import (
+from lnscope.analysis.tasks import vocab
+from lnscope.analysis.tasks.base import (
     TaskBatch,
     encode,
     last_positions,
@@ -161,7 +161,7 @@ def make_greater_than(
             f"greater-than found no {split} start year that splits into a century token and a "
             f"two-digit suffix token (' 1732' -> {pieces}); tokenizers trained on the synthetic "
             "corpus need digit runs split into pairs before byte-level BPE (see "
-            "analysis.tasks.greater_than)"
+            "lnscope.analysis.tasks.greater_than)"
         )
     logger.debug("greater-than: %d usable %s (century, start) combos", len(combos), split)
     templates = vocab.year_templates(split)

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from analysis.tasks.base import TaskBatch, bos_id
+from lnscope.analysis.tasks.base import TaskBatch, bos_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

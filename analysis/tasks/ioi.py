@@ -24,8 +24,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from analysis.tasks import vocab
-from analysis.tasks.base import (
+from lnscope.analysis.tasks import vocab
+from lnscope.analysis.tasks.base import (
     LogitDiffBatch,
     last_positions,
     pad_id,

@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from analysis.tinymodel.pretrain import PretrainConfig, curriculum_batch_size, mean_ce, pack_stream, pretrain
+from lnscope.analysis.tinymodel.pretrain import PretrainConfig, curriculum_batch_size, mean_ce, pack_stream, pretrain
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def curriculum_span(context: int) -> tuple[int, int]:
 
 def repeat_pool(tokenizer: Any, kind: str) -> list[int]:
     """The token ids repeated rows draw from: every non-special token ("vocab") or word tokens ("words")."""
-    from analysis.tasks.induction import word_token_pool
+    from lnscope.analysis.tasks.induction import word_token_pool
 
     if kind == "words":
         return word_token_pool(tokenizer)
@@ -319,10 +319,10 @@ def load_hf(path: Path):
 
 def evaluate_model(model: Any, tokenizer: Any, heldout: torch.Tensor, cfg: BuildConfig) -> dict[str, Any]:
     """Held-out CE and the three tasks (held-out prompts) of one HF model."""
-    from analysis.tasks.evaluate import evaluate_task
-    from analysis.tasks.greater_than import make_greater_than
-    from analysis.tasks.induction import make_induction
-    from analysis.tasks.ioi import make_ioi
+    from lnscope.analysis.tasks.evaluate import evaluate_task
+    from lnscope.analysis.tasks.greater_than import make_greater_than
+    from lnscope.analysis.tasks.induction import make_induction
+    from lnscope.analysis.tasks.ioi import make_ioi
 
     def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits
@@ -419,10 +419,10 @@ def _build_tiny(
     progress: bool | Callable[[str, float], None] = True,
     strict: bool = False,
 ) -> dict[str, Any]:
-    from analysis.remove_ln import RemoveLNConfig, remove_layernorm
-    from analysis.tinymodel.corpus import generate_documents, repeated_token_rows
-    from analysis.tinymodel.model_card import write_model_card
-    from analysis.tinymodel.tokenizer import train_tokenizer
+    from lnscope.analysis.remove_ln import RemoveLNConfig, remove_layernorm
+    from lnscope.analysis.tinymodel.corpus import generate_documents, repeated_token_rows
+    from lnscope.analysis.tinymodel.model_card import write_model_card
+    from lnscope.analysis.tinymodel.tokenizer import train_tokenizer
 
     cfg = config or BuildConfig()
     cfg = dataclasses.replace(cfg, seed=seed, pretrain=dataclasses.replace(cfg.pretrain, seed=seed))
@@ -536,7 +536,7 @@ def _build_tiny(
                          "n_embd": cfg.pretrain.n_embd, "n_positions": ctx, "vocab_size": len(tokenizer),
                          "n_params": n_params, "activation": "gelu_new", "tied_embeddings": True},
         "data": {
-            "generator": "analysis.tinymodel.corpus.generate_documents",
+            "generator": "lnscope.analysis.tinymodel.corpus.generate_documents",
             "train_docs": cfg.n_docs, "heldout_docs": cfg.n_heldout_docs, "tokenizer_docs": cfg.tokenizer_docs,
             "train_tokens": int(train_tokens.numel()), "train_sequences": int(train_tokens.shape[0]),
             "story_sequences": int(story_tokens.shape[0]), "repeat_sequences": int(repeat_tokens.shape[0]),

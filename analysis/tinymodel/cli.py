@@ -63,7 +63,7 @@ def parse_span(text: str) -> tuple[int, int]:
 def parse_curriculum(text: str) -> tuple:
     """"32:1.0:300,32:0.5:700:starts:3-12" -> (CurriculumPhase(32, 1.0, 300),
     CurriculumPhase(32, 0.5, 700, "starts", (3, 12))); "none" or "" -> ()."""
-    from analysis.tinymodel.build import CurriculumPhase, check_phase
+    from lnscope.analysis.tinymodel.build import CurriculumPhase, check_phase
 
     if text.strip().lower() in ("", "none"):
         return ()
@@ -88,11 +88,11 @@ def parse_curriculum(text: str) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.tinymodel.build import BuildConfig, build_tiny
+    from lnscope.analysis.tinymodel.build import BuildConfig, build_tiny
 
     if args.card_only:
-        from analysis.tinymodel.build import CARD_FILE, METRICS_FILE
-        from analysis.tinymodel.model_card import write_model_card
+        from lnscope.analysis.tinymodel.build import CARD_FILE, METRICS_FILE
+        from lnscope.analysis.tinymodel.model_card import write_model_card
 
         path = write_model_card(args.out / CARD_FILE, json.loads((args.out / METRICS_FILE).read_text()))
         print(f"wrote {path}")

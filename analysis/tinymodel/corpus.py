@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import torch
 
-from analysis.tasks import vocab
+from lnscope.analysis.tasks import vocab
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from analysis.tinymodel.corpus import REPEAT_ROW_SPAN
+from lnscope.analysis.tinymodel.corpus import REPEAT_ROW_SPAN
 
 ROLE_NAMES = {"original": "original", "control": "control (vanilla, LN kept)", "ln_free": "LN-free"}
 

@@ -27,9 +27,9 @@ CLI (cli.py)
     register(subparsers): `lnscope train-transcoders PAIR --role ROLE`, `lnscope transcoder-graph PAIR --prompt ...`
 """
 
-from analysis.transcoders.diff import CircuitDiff, FeatureMatching, diff_graphs, hungarian, match_features, paired_circuits
-from analysis.transcoders.features import FeatureIndex, FeaturePage, build_feature_index, feature_page
-from analysis.transcoders.formats import (
+from lnscope.analysis.transcoders.diff import CircuitDiff, FeatureMatching, diff_graphs, hungarian, match_features, paired_circuits
+from lnscope.analysis.transcoders.features import FeatureIndex, FeaturePage, build_feature_index, feature_page
+from lnscope.analysis.transcoders.formats import (
     TranscoderFormatError,
     circuit_tracer_config,
     default_transcoder_dir,
@@ -37,9 +37,9 @@ from analysis.transcoders.formats import (
     load_transcoders_for,
     save_transcoders,
 )
-from analysis.transcoders.graph import AttributionGraph, CTGraphJSON, GraphSummary, attribute
-from analysis.transcoders.model import Transcoder, TranscoderSet, random_transcoders
-from analysis.transcoders.train import TranscoderTrainingResult, evaluate_transcoders, train_transcoders
+from lnscope.analysis.transcoders.graph import AttributionGraph, CTGraphJSON, GraphSummary, attribute
+from lnscope.analysis.transcoders.model import Transcoder, TranscoderSet, random_transcoders
+from lnscope.analysis.transcoders.train import TranscoderTrainingResult, evaluate_transcoders, train_transcoders
 
 __all__ = [
     "AttributionGraph", "CTGraphJSON", "CircuitDiff", "FeatureIndex", "FeatureMatching", "FeaturePage",

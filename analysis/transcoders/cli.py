@@ -71,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_text(path: Path) -> list[str]:
-    from analysis.eval_text import split_documents
-    from analysis.errors import LnscopeError
+    from lnscope.analysis.eval_text import split_documents
+    from lnscope.analysis.errors import LnscopeError
 
     if not path.is_file():
         raise LnscopeError(f"training text {path} does not exist")
@@ -83,24 +83,24 @@ def training_text(pair, text: Path | None) -> list[str]:
     if text is not None:
         return _read_text(text)
     if pair.name == "tiny":
-        from analysis.tinymodel.build import trio_ioi_grammar
-        from analysis.tinymodel.corpus import generate_documents
+        from lnscope.analysis.tinymodel.build import trio_ioi_grammar
+        from lnscope.analysis.tinymodel.corpus import generate_documents
 
         return generate_documents(TINY_TRAIN_DOCS, seed=0, split="train",
                                   ioi_grammar=trio_ioi_grammar(pair.original.path))
-    from analysis.eval_text import pair_eval_text
+    from lnscope.analysis.eval_text import pair_eval_text
 
     logger.warning("no --text given: training on pair %r's eval text (small; give --text for a real run)", pair.name)
     return pair_eval_text(pair)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from analysis.eval_text import pair_eval_text
-    from analysis.loading import model_cache
-    from analysis.pairs import PairRegistry
-    from analysis.transcoders.features import build_feature_index
-    from analysis.transcoders.formats import save_transcoders, transcoder_dir
-    from analysis.transcoders.train import train_transcoders
+    from lnscope.analysis.eval_text import pair_eval_text
+    from lnscope.analysis.loading import model_cache
+    from lnscope.analysis.pairs import PairRegistry
+    from lnscope.analysis.transcoders.features import build_feature_index
+    from lnscope.analysis.transcoders.formats import save_transcoders, transcoder_dir
+    from lnscope.analysis.transcoders.train import train_transcoders
 
     pair = PairRegistry.load().get(args.pair)
     model = model_cache.get(pair.source(args.role), args.role, device=args.device, dtype=args.dtype)
@@ -138,12 +138,12 @@ def format_training(result) -> str:
 
 
 def run_graph(args: argparse.Namespace) -> int:
-    from analysis.errors import LnscopeError
-    from analysis.loading import model_cache
-    from analysis.pairs import PairRegistry
-    from analysis.transcoders.diff import paired_circuits
-    from analysis.transcoders.formats import load_transcoders, load_transcoders_for
-    from analysis.transcoders.graph import attribute
+    from lnscope.analysis.errors import LnscopeError
+    from lnscope.analysis.loading import model_cache
+    from lnscope.analysis.pairs import PairRegistry
+    from lnscope.analysis.transcoders.diff import paired_circuits
+    from lnscope.analysis.transcoders.formats import load_transcoders, load_transcoders_for
+    from lnscope.analysis.transcoders.graph import attribute
 
     pair = PairRegistry.load().get(args.pair)
     roles = args.roles

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from analysis.loading import LoadedModel
-from analysis.progress import Progress, ensure
-from analysis.results import Manifest, make_manifest
-from analysis.transcoders.graph import AttributionGraph, attribute
-from analysis.transcoders.model import TranscoderSet
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.progress import Progress, ensure
+from lnscope.analysis.results import Manifest, make_manifest
+from lnscope.analysis.transcoders.graph import AttributionGraph, attribute
+from lnscope.analysis.transcoders.model import TranscoderSet
 
 logger = logging.getLogger(__name__)
 

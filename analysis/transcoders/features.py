@@ -26,11 +26,11 @@ from pydantic import BaseModel, Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from analysis.ln_stats import text_sequences
-from analysis.loading import LoadedModel
-from analysis.progress import Progress, ensure
-from analysis.results import Manifest, make_manifest
-from analysis.transcoders.model import TranscoderSet
+from lnscope.analysis.ln_stats import text_sequences
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.progress import Progress, ensure
+from lnscope.analysis.results import Manifest, make_manifest
+from lnscope.analysis.transcoders.model import TranscoderSet
 
 INDEX_FILE = "feature_index.safetensors"
 
@@ -75,7 +75,7 @@ class FeatureIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureIndex":
-        from analysis.transcoders.formats import TranscoderFormatError
+        from lnscope.analysis.transcoders.formats import TranscoderFormatError
 
         p = Path(path)
         if p.is_dir():

@@ -41,8 +41,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from analysis.errors import LnscopeError
-from analysis.transcoders.model import Transcoder, TranscoderSet
+from lnscope.analysis.errors import LnscopeError
+from lnscope.analysis.transcoders.model import Transcoder, TranscoderSet
 
 logger = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def _load_dunefsky(path: Path) -> tuple[int, Transcoder, dict[str, Any]]:
 # ------------------------------------------------------------------------------------- pair lookup
 def default_transcoder_dir(pair_name: str, role: str) -> Path:
     """models/<pair>/transcoders/<role>/ under analysis.pairs.models_dir()."""
-    from analysis.pairs import models_dir
+    from lnscope.analysis.pairs import models_dir
 
     return models_dir() / pair_name / "transcoders" / role
 

@@ -47,10 +47,10 @@ from typing import Any, Literal, Sequence
 import torch
 from pydantic import BaseModel, Field
 
-from analysis.loading import LoadedModel
-from analysis.progress import Progress, ensure
-from analysis.results import Manifest, make_manifest
-from analysis.transcoders.model import TranscoderSet
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.progress import Progress, ensure
+from lnscope.analysis.results import Manifest, make_manifest
+from lnscope.analysis.transcoders.model import TranscoderSet
 
 logger = logging.getLogger(__name__)
 
@@ -754,12 +754,12 @@ def attribute(
     L = int(bridge.cfg.n_layers)
     d_model = int(bridge.cfg.d_model)
     if transcoders.d_model != d_model:
-        from analysis.transcoders.formats import TranscoderFormatError
+        from lnscope.analysis.transcoders.formats import TranscoderFormatError
 
         raise TranscoderFormatError(f"transcoders have d_model {transcoders.d_model}, the model {d_model}")
     bad = [l for l in transcoders.layers if not 0 <= l < L]
     if bad:
-        from analysis.transcoders.formats import TranscoderFormatError
+        from lnscope.analysis.transcoders.formats import TranscoderFormatError
 
         raise TranscoderFormatError(f"transcoders for layers {bad}, but the model has {L} layers")
     transcoders.to(device=model.device, dtype=model.dtype)

@@ -38,11 +38,11 @@ from typing import Iterator, Literal, Sequence
 import torch
 from pydantic import BaseModel, Field
 
-from analysis.ln_stats import text_sequences
-from analysis.loading import LoadedModel
-from analysis.progress import Progress, ensure
-from analysis.results import Manifest, make_manifest
-from analysis.transcoders.model import Transcoder, TranscoderSet
+from lnscope.analysis.ln_stats import text_sequences
+from lnscope.analysis.loading import LoadedModel
+from lnscope.analysis.progress import Progress, ensure
+from lnscope.analysis.results import Manifest, make_manifest
+from lnscope.analysis.transcoders.model import Transcoder, TranscoderSet
 
 logger = logging.getLogger(__name__)
 
