@@ -1,13 +1,14 @@
 """`lnscope remove-ln`: FakeLN fine-tuning of a GPT-2 checkpoint into its LayerNorm-free twin.
 
-Public API (imported lazily, so `lnscope --help` does not load plotly):
+Public API (imported lazily, so `lnscope --help` does not load plotly), by module of lnscope.analysis.remove_ln:
 
-    RemoveLNConfig, RemoveLNResult, remove_layernorm      analysis.remove_ln.train
-    Schedule                                              analysis.remove_ln.schedule
-    FakeLNGPT2, removal_order, aux_std_loss               analysis.remove_ln.fake_ln
+    RemoveLNConfig, RemoveLNResult, remove_layernorm,
+    load_text_tokens                                      train
+    Schedule                                              schedule
+    FakeLNGPT2, removal_order, aux_std_loss               fake_ln
     export_ln_free, export_control, fold_v_scale,
-    released_ln_free_model                                analysis.remove_ln.export
-    write_report                                          analysis.remove_ln.report
+    released_ln_free_model                                export
+    write_report                                          report
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ def build_figure(log: dict[str, Any]) -> go.Figure:
     fig = make_subplots(
         rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.05,
         row_heights=[0.32, 0.18, 0.32, 0.18],
-        subplot_titles=("cross-entropy loss", "auxiliary loss (ln_f input std)", "sigma_avg per LayerNorm (LN-free run)",
+        subplot_titles=("cross-entropy loss", "auxiliary loss (ln_f input std)",
+                        "sigma_avg per LayerNorm (LN-free run)",
                         "learning rate"),
     )
     for role, run in runs.items():

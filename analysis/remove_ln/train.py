@@ -59,7 +59,7 @@ _RESUME_MUTABLE = {"device", "checkpoint_every", "keep_checkpoints", "stop_at_st
 class RemoveLNConfig:
     """Settings of one `remove-ln` run. Schedule fields left None follow `Schedule.from_depth`."""
 
-    # schedule (see analysis.remove_ln.schedule for the default formula)
+    # schedule (see lnscope.analysis.remove_ln.schedule for the default formula)
     total_steps: int | None = None
     start_step: int | None = None
     gap_ln2: int | None = None
@@ -169,7 +169,8 @@ def tokenize_documents(
     body = context - 1 if bos else context
     n_seq = len(stream) // body
     if n_seq == 0:
-        raise ConfigError(f"remove-ln: the training text has {len(stream)} tokens, fewer than one sequence of {context}")
+        raise ConfigError(f"remove-ln: the training text has {len(stream)} tokens, fewer than one sequence of "
+                          f"{context}")
     data = torch.tensor(stream[: n_seq * body], dtype=torch.long).view(n_seq, body)
     if bos:
         data = torch.cat([torch.full((n_seq, 1), eot, dtype=torch.long), data], dim=1)
@@ -381,76 +382,108 @@ class _Run:
             aux_mask = m.float()
         return stat_mask, aux_mask
 
-    def train(self, progress: bool | Callable[[str, float], None] = True) -> bool:
-        """Run to total_steps (or cfg.stop_at_step). True if the run is complete."""
+    def _bar(self, progress: bool | Callable[[str, float], None]) -> Any:
+        """A tqdm bar over all steps (disabled when progress is False or a callback)."""
         from tqdm.auto import tqdm
 
+        return tqdm(
+            total=self.total, initial=self.step, desc=f"remove-ln {self.role}", unit="step",
+            disable=not progress or callable(progress), dynamic_ncols=True, leave=True,
+        )
+
+    def _autocast(self) -> Any:
+        """bf16 autocast when the run uses bf16, else a no-op context."""
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _remove_scheduled(self, step: int) -> None:
+        """Make FakeLN of every LN site the schedule removes at `step` (its sigma_avg frozen from then on)."""
+        wrapper = self.wrapper
+        for name in self.events.get(step, []):
+            if not bool(wrapper.sigma_initialized[wrapper.index[name]]):
+                raise RuntimeError(f"{name}: no sigma_avg measured before its removal at step {step}")
+            wrapper.set_fake(name)
+            self.log["removed_at"][name] = step
+            logger.debug("%s: step %d: %s is now FakeLN (sigma_avg %.5g)", self.role, step, name,
+                         wrapper.sigma_dict()[name])
+
+    def _accumulate_gradients(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backpropagate (CE + aux_weight x aux) / grad_accum over the step's micro-batches; (sum CE, sum aux)."""
+        ga = self.cfg.grad_accum
+        idx = self.order.step_indices(step).to(self.device)  # [grad_accum, batch_size]
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for micro in range(ga):
+            x = self.tokens[idx[micro]]  # [batch_size, context]
+            stat_mask, aux_mask = self._masks(x)
+            with self._autocast():
+                ce, aux = self.wrapper.losses(x, aux_weight=self.aux_weight, aux_mask=aux_mask, stat_mask=stat_mask)
+                total = ce if aux is None else ce + self.aux_weight * aux
+            (total / ga).backward()
+            loss_sum += ce.detach()
+            if aux is not None:
+                aux_sum += aux.detach()
+        return loss_sum, aux_sum
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The gradients' global L2 norm, after clipping them to cfg.grad_clip (when > 0)."""
+        if self.cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+
+    def _record_step(self, step: int, lr: float, loss_sum: torch.Tensor, aux_sum: torch.Tensor,
+                     grad_norm: torch.Tensor) -> tuple[float, float]:
+        """Append the step's mean CE, mean aux loss, lr, grad norm, #fake LNs and sigma_avg to the log; (CE, aux)."""
+        ga, wrapper = self.cfg.grad_accum, self.wrapper
+        values = torch.cat([
+            torch.stack([loss_sum / ga, aux_sum / ga, grad_norm.float()]).float(),
+            wrapper.sigma.float(),
+        ]).tolist()  # one device sync: [ce, aux, grad norm, sigma_avg per site]
+        loss, aux_loss, gnorm = values[:3]
+        if not math.isfinite(loss):
+            raise RuntimeError(f"remove-ln {self.role}: the loss is {loss} at step {step}; lower --lr")
+        log = self.log
+        log["steps"].append(step)
+        log["loss"].append(loss)
+        log["aux_loss"].append(aux_loss if self.aux_weight > 0 else None)
+        log["lr"].append(lr)
+        log["grad_norm"].append(gnorm)
+        log["n_fake"].append(wrapper.n_fake)
+        if self.remove:
+            log["sigma"].append(values[3:])
+        return loss, aux_loss
+
+    def _train_step(self) -> tuple[float, float]:
+        """One optimiser step: scheduled removals, lr, gradients, AdamW, sigma_avg update; (CE, aux loss)."""
+        step = self.step
+        self._remove_scheduled(step)
+        lr = lr_at(step, self.cfg, self.total)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss_sum, aux_sum = self._accumulate_gradients(step)
+        grad_norm = self._grad_norm()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.wrapper.update_sigma()
+        result = self._record_step(step, lr, loss_sum, aux_sum, grad_norm)
+        self.step = step + 1
+        return result
+
+    def train(self, progress: bool | Callable[[str, float], None] = True) -> bool:
+        """Run to total_steps (or cfg.stop_at_step), checkpointing every cfg.checkpoint_every steps and at the end.
+        True if the run is complete."""
         cfg, wrapper = self.cfg, self.wrapper
         end = self.total if cfg.stop_at_step is None else min(self.total, max(cfg.stop_at_step, self.step))
         wrapper.train()
         wrapper.track_sigma = self.remove
         callback = progress if callable(progress) else None
-        bar = tqdm(
-            total=self.total, initial=self.step, desc=f"remove-ln {self.role}", unit="step",
-            disable=not progress or callback is not None, dynamic_ncols=True, leave=True,
-        )
-        autocast = (
-            (lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
-            if self.bf16 else contextlib.nullcontext
-        )
-        ga = cfg.grad_accum
+        bar = self._bar(progress)
         n_sites = len(wrapper.names)
         t0 = time.perf_counter()
         try:
             while self.step < end:
-                step = self.step
-                for name in self.events.get(step, []):
-                    if not bool(wrapper.sigma_initialized[wrapper.index[name]]):
-                        raise RuntimeError(f"{name}: no sigma_avg measured before its removal at step {step}")
-                    wrapper.set_fake(name)
-                    self.log["removed_at"][name] = step
-                    logger.debug("%s: step %d: %s is now FakeLN (sigma_avg %.5g)", self.role, step, name,
-                                 wrapper.sigma_dict()[name])
-                lr = lr_at(step, cfg, self.total)
-                for group in self.opt.param_groups:
-                    group["lr"] = lr
-                idx = self.order.step_indices(step).to(self.device)
-                loss_sum = torch.zeros((), device=self.device)
-                aux_sum = torch.zeros((), device=self.device)
-                for micro in range(ga):
-                    x = self.tokens[idx[micro]]
-                    stat_mask, aux_mask = self._masks(x)
-                    with autocast():
-                        ce, aux = wrapper.losses(x, aux_weight=self.aux_weight, aux_mask=aux_mask, stat_mask=stat_mask)
-                        total = ce if aux is None else ce + self.aux_weight * aux
-                    (total / ga).backward()
-                    loss_sum += ce.detach()
-                    if aux is not None:
-                        aux_sum += aux.detach()
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-                wrapper.update_sigma()
-                values = torch.cat([
-                    torch.stack([loss_sum / ga, aux_sum / ga, grad_norm.float()]).float(),
-                    wrapper.sigma.float(),
-                ]).tolist()
-                loss, aux_loss, gnorm = values[:3]
-                if not math.isfinite(loss):
-                    raise RuntimeError(f"remove-ln {self.role}: the loss is {loss} at step {step}; lower --lr")
-                log = self.log
-                log["steps"].append(step)
-                log["loss"].append(loss)
-                log["aux_loss"].append(aux_loss if self.aux_weight > 0 else None)
-                log["lr"].append(lr)
-                log["grad_norm"].append(gnorm)
-                log["n_fake"].append(wrapper.n_fake)
-                if self.remove:
-                    log["sigma"].append(values[3:])
-                self.step = step + 1
+                loss, aux_loss = self._train_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", aux=f"{aux_loss:.3g}", ln_removed=f"{wrapper.n_fake}/{n_sites}",
                                 refresh=False)
@@ -491,6 +524,192 @@ def _write_log(path: Path, payload: dict[str, Any], runs: dict[str, dict[str, An
     os.replace(tmp, path)
 
 
+@dataclass
+class _Removal:
+    """What every run of one remove_layernorm call shares: its source, output, data, schedule and settings."""
+
+    src: Path
+    out: Path
+    cfg: RemoveLNConfig
+    device: torch.device
+    tokens: torch.Tensor  # [n_seq, context]
+    schedule: Schedule
+    tokenizer: Any
+    eot: int | None  # <|endoftext|> id inside the vocabulary, else None
+    names: list[str]  # LN sites in removal order
+    payload: dict[str, Any]  # training_log.json's fields other than "runs"
+    version: str
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / CHECKPOINT_DIR
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / LOG_FILE
+
+
+def _training_tokens(cfg: RemoveLNConfig, model_config: Any, tokenizer: Any, train_tokens: torch.Tensor | None,
+                     train_text: str | Path | None) -> torch.Tensor:
+    """LongTensor[n_seq, context]: `train_tokens` checked against the model, or `train_text` tokenised."""
+    n_positions = model_config.n_positions
+    if train_tokens is not None:
+        tokens = torch.as_tensor(train_tokens)
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ConfigError("remove-ln: train_tokens must be an integer tensor [n_seq, context]")
+        tokens = tokens.long()
+        if cfg.context is not None and cfg.context != tokens.shape[1]:
+            raise ConfigError(f"remove-ln: context {cfg.context} != train_tokens width {tokens.shape[1]}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= model_config.vocab_size:
+            raise ConfigError("remove-ln: train_tokens has ids outside the model's vocabulary")
+    else:
+        tokens = load_text_tokens(train_text, tokenizer, cfg.context or n_positions,
+                                  bos_each_sequence=cfg.bos_each_sequence)
+    context = tokens.shape[1]
+    if context > n_positions or context < 2:
+        raise ConfigError(f"remove-ln: context {context} must be in [2, n_positions={n_positions}]")
+    return tokens
+
+
+def _eot_id(tokenizer: Any, model_config: Any) -> int | None:
+    """The <|endoftext|> id (the tokenizer's, else the model config's), or None when it is outside the vocabulary."""
+    eot = tokenizer.eos_token_id if tokenizer is not None else getattr(model_config, "eos_token_id", None)
+    return eot if eot is not None and 0 <= eot < model_config.vocab_size else None
+
+
+def _refuse_stale_checkpoints(ckpt_root: Path, roles: list[str], resume: bool) -> None:
+    """ConfigError when a fresh run (no resume) would mix with an older run's checkpoints."""
+    if resume:
+        return
+    if any(p for r in roles for p in _checkpoint_paths(ckpt_root / r)):
+        raise ConfigError(
+            f"remove-ln: {ckpt_root} holds checkpoints of an earlier run; pass --resume to continue it "
+            "or choose another output directory"
+        )
+
+
+def _log_payload(cfg: RemoveLNConfig, src: Path, schedule: Schedule, tokens: torch.Tensor, names: list[str],
+                 device: torch.device, version: str) -> dict[str, Any]:
+    """training_log.json's fields other than "runs": the source, settings, schedule and data."""
+    return {
+        "format": "lnscope-remove-ln-log/1",
+        "source": str(src),
+        "config": cfg.to_dict(),
+        "schedule": {**schedule.to_dict(), "events": schedule.events()},
+        "ln_names": names,
+        "data": {"n_sequences": tokens.shape[0], "context": tokens.shape[1],
+                 "tokens_per_step": cfg.batch_size * cfg.grad_accum * tokens.shape[1],
+                 "fingerprint": _fingerprint(tokens)},
+        "device": str(device),
+        "lnscope_version": version,
+    }
+
+
+def _log_plan(job: _Removal, n_layer: int) -> None:
+    """Log the source, schedule and data, and how often the steps read the data."""
+    cfg, tokens, schedule = job.cfg, job.tokens, job.schedule
+    logger.info(
+        "remove-ln: %s -> %s on %s; %d layers, schedule %s; %d sequences of %d tokens, %d tokens/step",
+        job.src, job.out, job.device, n_layer, schedule.to_dict(), tokens.shape[0], tokens.shape[1],
+        job.payload["data"]["tokens_per_step"],
+    )
+    epochs = schedule.total_steps * cfg.batch_size * cfg.grad_accum / tokens.shape[0]
+    if epochs > 1:
+        logger.info("remove-ln: %d steps read the %d sequences %.1f times over", schedule.total_steps,
+                    tokens.shape[0], epochs)
+
+
+def _train_role(job: _Removal, role: str, model: torch.nn.Module, resume: bool,
+                progress: bool | Callable[[str, float], None]) -> tuple[_Run, bool]:
+    """Fine-tune `model` as `role` ("ln_free": FakeLN on the schedule; "control": LN kept), from its latest
+    checkpoint when resuming; (the run, whether it reached its last step)."""
+    cfg = job.cfg
+    torch.manual_seed(cfg.seed)
+    remove = role == "ln_free"
+    wrapper = FakeLNGPT2(model.to(job.device), track_sigma=remove, momentum=cfg.sigma_momentum)
+    run = _Run(role, wrapper, job.tokens, job.schedule, cfg, job.device, job.ckpt_root / role,
+               job.payload["data"]["fingerprint"], remove=remove)
+    run.eot = job.eot
+    existing = _checkpoint_paths(job.ckpt_root / role) if resume else []
+    if existing:
+        run.load_checkpoint(existing[-1])
+    done = run.train(progress) if run.step < run.total else True
+    return run, done
+
+
+def _export_metadata(job: _Removal, run: _Run) -> dict[str, Any]:
+    """lnscope_removal.json of an exported run: method, source, steps, schedule, final loss, settings."""
+    cfg, ln_free = job.cfg, run.role == "ln_free"
+    return {
+        "method": "FakeLN fine-tuning (Baroni et al. 2025; Heimersheim 2024)" if ln_free
+        else "fine-tuning with LayerNorm kept (control)",
+        "source": str(job.src.resolve()),
+        "steps": run.total,
+        "seed": cfg.seed,
+        "schedule": job.schedule.to_dict() if ln_free else None,
+        "removal_steps": dict(run.log["removed_at"]) if ln_free else None,
+        "aux_weight": run.aux_weight,
+        "final_loss": _final(run.log["loss"]),
+        "config": cfg.to_dict(),
+        "data": job.payload["data"],
+        "lnscope_version": job.version,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _export(job: _Removal, run: _Run) -> Path:
+    """Save a finished run to OUT/<role>: the LN-free model in the released format, or the control as it is."""
+    meta = _export_metadata(job, run)
+    if run.role == "ln_free":
+        return export_ln_free(run.wrapper.to("cpu"), job.out / run.role, tokenizer=job.tokenizer, metadata=meta)
+    return export_control(run.wrapper.model, job.out / run.role, tokenizer=job.tokenizer, metadata=meta)
+
+
+_RunLogs = dict[str, dict[str, Any]]  # role -> its run's log
+
+
+def _fine_tune(job: _Removal, model: torch.nn.Module, roles: list[str], resume: bool,
+               progress: bool | Callable[[str, float], None]
+               ) -> tuple[_RunLogs, dict[str, Path | None], dict[str, float], bool]:
+    """Train and export each role in turn, rewriting training_log.json after each; stop at the first run that ends
+    early. (run logs, exported dirs, the LN-free run's frozen sigma_avg per site, whether every run completed)."""
+    run_logs: dict[str, dict[str, Any]] = {}
+    dirs: dict[str, Path | None] = {"ln_free": None, "control": None}
+    sigma: dict[str, float] = {}
+    for role in roles:
+        if role == "control":
+            model, _ = load_source(job.src, need_tokenizer=False)  # a fresh copy of the source
+        run, done = _train_role(job, role, model, resume, progress)
+        run_logs[role] = run.log
+        _write_log(job.log_path, job.payload, run_logs, job.names)
+        if not done:
+            logger.info("remove-ln %s: stopped at step %d of %d (resume with --resume)", role, run.step, run.total)
+            return run_logs, dirs, sigma, False
+        if role == "ln_free":
+            sigma = run.wrapper.sigma_dict()
+        dirs[role] = _export(job, run)
+        del run
+    return run_logs, dirs, sigma, True
+
+
+def _write_report_file(log_path: Path, report_path: Path) -> Path | None:
+    """report.html from training_log.json (None when plotly is missing)."""
+    try:
+        from .report import write_report
+
+        return write_report(json.loads(log_path.read_text()), report_path)
+    except ImportError as exc:  # pragma: no cover - plotly is a dependency
+        logger.warning("no report: %s", exc)
+        return None
+
+
+def _steps_per_second(run_logs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    return {
+        role: (len(log["steps"]) / log["train_seconds"] if log["train_seconds"] > 0 else float("nan"))
+        for role, log in run_logs.items()
+    }
+
+
 def remove_layernorm(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -519,115 +738,21 @@ def remove_layernorm(
         raise ConfigError("remove-ln: give exactly one of train_tokens or train_text")
     device = resolve_device(cfg.device)
     model, tokenizer = load_source(src, need_tokenizer=train_text is not None)
-    n_positions = model.config.n_positions
-    if train_tokens is not None:
-        tokens = torch.as_tensor(train_tokens)
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ConfigError("remove-ln: train_tokens must be an integer tensor [n_seq, context]")
-        tokens = tokens.long()
-        if cfg.context is not None and cfg.context != tokens.shape[1]:
-            raise ConfigError(f"remove-ln: context {cfg.context} != train_tokens width {tokens.shape[1]}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= model.config.vocab_size:
-            raise ConfigError("remove-ln: train_tokens has ids outside the model's vocabulary")
-    else:
-        context = cfg.context or n_positions
-        tokens = load_text_tokens(train_text, tokenizer, context, bos_each_sequence=cfg.bos_each_sequence)
-    context = tokens.shape[1]
-    if context > n_positions or context < 2:
-        raise ConfigError(f"remove-ln: context {context} must be in [2, n_positions={n_positions}]")
+    tokens = _training_tokens(cfg, model.config, tokenizer, train_tokens, train_text)
     schedule = cfg.schedule(model.config.n_layer)
-    fingerprint = _fingerprint(tokens)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * context
-    eot = tokenizer.eos_token_id if tokenizer is not None else getattr(model.config, "eos_token_id", None)
-    if eot is not None and not 0 <= eot < model.config.vocab_size:
-        eot = None
+    names = removal_order(model.config.n_layer)
+    job = _Removal(src, out, cfg, device, tokens, schedule, tokenizer, _eot_id(tokenizer, model.config), names,
+                   _log_payload(cfg, src, schedule, tokens, names, device, __version__), __version__)
 
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / CHECKPOINT_DIR
     roles = ["ln_free"] + (["control"] if control else [])
-    if not resume:
-        stale = [p for r in roles for p in _checkpoint_paths(ckpt_root / r)]
-        if stale:
-            raise ConfigError(
-                f"remove-ln: {ckpt_root} holds checkpoints of an earlier run; pass --resume to continue it "
-                "or choose another output directory"
-            )
-    logger.info(
-        "remove-ln: %s -> %s on %s; %d layers, schedule %s; %d sequences of %d tokens, %d tokens/step",
-        src, out, device, model.config.n_layer, schedule.to_dict(), tokens.shape[0], context, tokens_per_step,
-    )
-    names = removal_order(model.config.n_layer)
-    epochs = schedule.total_steps * cfg.batch_size * cfg.grad_accum / tokens.shape[0]
-    if epochs > 1:
-        logger.info("remove-ln: %d steps read the %d sequences %.1f times over", schedule.total_steps, tokens.shape[0], epochs)
-    payload = {
-        "format": "lnscope-remove-ln-log/1",
-        "source": str(src),
-        "config": cfg.to_dict(),
-        "schedule": {**schedule.to_dict(), "events": schedule.events()},
-        "ln_names": names,
-        "data": {"n_sequences": tokens.shape[0], "context": context, "tokens_per_step": tokens_per_step,
-                 "fingerprint": fingerprint},
-        "device": str(device),
-        "lnscope_version": __version__,
-    }
-    log_path, report_path = out / LOG_FILE, out / REPORT_FILE
-    run_logs: dict[str, dict[str, Any]] = {}
-    dirs: dict[str, Path | None] = {"ln_free": None, "control": None}
-    sigma: dict[str, float] = {}
-    completed = True
-    for role in roles:
-        if role == "control":
-            model, _ = load_source(src, need_tokenizer=False)  # a fresh copy of the source
-        torch.manual_seed(cfg.seed)
-        wrapper = FakeLNGPT2(model.to(device), track_sigma=role == "ln_free", momentum=cfg.sigma_momentum)
-        run = _Run(role, wrapper, tokens, schedule, cfg, device, ckpt_root / role, fingerprint, remove=role == "ln_free")
-        run.eot = eot
-        existing = _checkpoint_paths(ckpt_root / role) if resume else []
-        if existing:
-            run.load_checkpoint(existing[-1])
-        done = run.train(progress) if run.step < run.total else True
-        run_logs[role] = run.log
-        _write_log(log_path, payload, run_logs, names)
-        if not done:
-            completed = False
-            logger.info("remove-ln %s: stopped at step %d of %d (resume with --resume)", role, run.step, run.total)
-            break
-        meta = {
-            "method": "FakeLN fine-tuning (Baroni et al. 2025; Heimersheim 2024)" if role == "ln_free"
-            else "fine-tuning with LayerNorm kept (control)",
-            "source": str(src.resolve()),
-            "steps": run.total,
-            "seed": cfg.seed,
-            "schedule": schedule.to_dict() if role == "ln_free" else None,
-            "removal_steps": dict(run.log["removed_at"]) if role == "ln_free" else None,
-            "aux_weight": run.aux_weight,
-            "final_loss": _final(run.log["loss"]),
-            "config": cfg.to_dict(),
-            "data": payload["data"],
-            "lnscope_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        if role == "ln_free":
-            sigma = wrapper.sigma_dict()
-            dirs[role] = export_ln_free(wrapper.to("cpu"), out / role, tokenizer=tokenizer, metadata=meta)
-        else:
-            dirs[role] = export_control(wrapper.model, out / role, tokenizer=tokenizer, metadata=meta)
-        del run, wrapper
+    _refuse_stale_checkpoints(job.ckpt_root, roles, resume)
+    _log_plan(job, model.config.n_layer)
+    run_logs, dirs, sigma, completed = _fine_tune(job, model, roles, resume, progress)
 
     if not sigma and "ln_free" in run_logs and run_logs["ln_free"]["sigma"]:
-        sigma = dict(zip(names, run_logs["ln_free"]["sigma"][-1]))
-    report: Path | None = None
-    try:
-        from .report import write_report
-
-        report = write_report(json.loads(log_path.read_text()), report_path)
-    except ImportError as exc:  # pragma: no cover - plotly is a dependency
-        logger.warning("no report: %s", exc)
-    steps_per_second = {
-        role: (len(log["steps"]) / log["train_seconds"] if log["train_seconds"] > 0 else float("nan"))
-        for role, log in run_logs.items()
-    }
+        sigma = dict(zip(names, run_logs["ln_free"]["sigma"][-1]))  # a stopped run's latest sigma_avg
+    report = _write_report_file(job.log_path, out / REPORT_FILE)
     return RemoveLNResult(
         out_dir=out,
         ln_free_dir=dirs["ln_free"],
@@ -638,9 +763,9 @@ def remove_layernorm(
         removal_steps=dict(run_logs.get("ln_free", {}).get("removed_at", {})),
         schedule=schedule,
         wall_seconds=time.perf_counter() - t_start,
-        log_path=log_path,
+        log_path=job.log_path,
         report_path=report,
         completed=completed,
-        tokens_per_step=tokens_per_step,
-        steps_per_second=steps_per_second,
+        tokens_per_step=job.payload["data"]["tokens_per_step"],
+        steps_per_second=_steps_per_second(run_logs),
     )

@@ -15,7 +15,6 @@ are fixed, so a build is reproducible; the stage time budgets are safety stops o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -84,9 +83,8 @@ class BuildConfig:
     tokenizer_docs: int = 20_000  # the first this many training documents train the tokenizer
     vocab_size: int = 4096  # upper bound; BPE stops when no pair occurs twice
     # fraction of training rows that are repeated random token sequences (corpus.repeated_token_rows, drawn
-    # from repeat_pool), the rest story text; in [0, 1). Without a short-context start they taught nothing:
-    # 0.25 with 5000 x 16 steps, lr 3e-3 and sinusoidal position init had formed no induction heads by
-    # step 4000 (2026-11-23 trial)
+    # from repeat_pool), the rest story text; in [0, 1). They teach induction only after the curriculum's
+    # short rows have formed induction heads
     repeat_rows: float = 0.35
     # fraction of the full-length training rows that are documents' first tokens (a seeded sample of
     # document_start_rows; most documents open with an IOI sentence, as the task prompts do), in [0, 1) with
@@ -94,23 +92,20 @@ class BuildConfig:
     # control keep what they teach
     start_rows: float = 0.15
     # fraction of the corpus's IOI sentences drawn from corpus.ioi_grammar_template instead of the fixed
-    # training templates (corpus.generate_documents' ioi_grammar); 0 is the first trio's corpus
+    # training templates (corpus.generate_documents' ioi_grammar); 0: the fixed templates only
     ioi_grammar: float = 0.7
     # fraction of training documents whose first word is split into pieces (tokenize_docs' split_first_word,
     # BPE-dropout on that word). A document's first word has no leading space, so an opening word the tokenizer
-    # never saw there is split into pieces ("As" -> "A s", "Last" -> "L ast"). Without these documents the
-    # previous trio's original got 27% and 38% of the held-out IOI intros that open with "As" and "Last" right,
-    # 78-90% with a sentence before them (2026-11-24 probe); 400 more steps with 0.3 brought 79% and 94%
+    # never saw there is split into pieces ("As" -> "A s", "Last" -> "L ast"); these documents teach the model
+    # to read such openings, as in the held-out IOI intros
     split_first_word: float = 0.3
     # the tokens the repeated rows draw from: "vocab" (every non-special token) or "words" (the induction
-    # task's pool of word tokens). 2026-11-24 trials, 4-layer d128, pure repeated rows of 32 tokens: with
-    # "words" (1356 of 2578 tokens), or 100 of them, the loss stayed at ln(pool) to step 200, untied
-    # embeddings too; with "vocab" the repeated half's loss fell from step ~100 (5.5 vs 8.2 at step 200)
+    # task's pool of word tokens). "vocab", because a pool of part of the vocabulary keeps the repeated half's
+    # loss on the plateau at ln(pool size)
     repeat_pool: str = "vocab"
     # (LO, HI): tokens per repeated sequence in the full-length repeated rows. Induction works at the distances
-    # it was trained on: a sequence of n tokens said twice trains copying from n tokens back (2026-11-24 probes:
-    # trained on 3-12 tokens at context 32, the repeated copy's loss was 0.81 nats 8 back and 12.5 at 16 back,
-    # where the model confidently copied from the wrong place)
+    # it was trained on (a sequence of n tokens said twice trains copying from n tokens back), so HI reaches
+    # past the induction task's 25 + 25 tokens
     repeat_span: tuple[int, int] = (3, 50)
     # the context curriculum before the full-length rows: CurriculumPhase(context, repeat_fraction, steps,
     # text, span) per phase (PretrainConfig.curriculum). Repeated rows' spans are curriculum_span(context) unless
@@ -122,15 +117,12 @@ class BuildConfig:
         CurriculumPhase(32, 1.0, 300), CurriculumPhase(32, 0.5, 700), CurriculumPhase(32, 0.25, 500, "starts"),
         CurriculumPhase(128, 0.25, 500, "starts", (3, 50)))
     # stages
-    # the shipped trio's settings: 6500 steps of 4096 tokens (26.6M tokens; 2000 of them in the curriculum);
-    # the lr is held at its peak until the last 2500 steps (under a single cosine the lr had fallen to ~1.1e-3
-    # by the full-length rows and induction did not reach 25 + 25 tokens by step 4000; 2026-11-24 build b1).
-    # Held-out IOI forms while the lr decays: build b4 (5000 steps, the last 1000 decaying) got 51% at step
-    # 4000, 82% at 4500 and 89% at 5000, while greater-than swung 0.58 / 0.18 / 0.46 at steps 3000 / 4000 / 5000
+    # 6500 steps of 4096 tokens (26.6M tokens; 2000 of them in the curriculum). The lr is held at its peak until
+    # the last 2500 steps: induction reaches 25 + 25 tokens while the lr is high, held-out IOI forms as it decays
     pretrain: PretrainConfig = field(
         default_factory=lambda: PretrainConfig(steps=6500, decay_steps=2500, batch_size=32, snapshot_every=500))
-    # FakeLN fine-tuning steps (the control gets the same); with 300 (build b4) the LN-free model lost 0.16 of
-    # greater-than and 12 points of held-out IOI against the original
+    # FakeLN fine-tuning steps (the control gets the same); with half as many the LN-free model loses clearly more
+    # of the original's greater-than and held-out IOI scores
     remove_ln_steps: int = 600
     remove_ln_batch_size: int = 32
     remove_ln_lr: float = 6e-4
@@ -303,7 +295,7 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
 
 def trio_ioi_grammar(original_dir: Path | None) -> float:
     """The corpus's `ioi_grammar` that the trio whose `original` is in `original_dir` was built with (the trio's
-    build_metrics.json, beside the roles' directories; 0.0, the first trio's corpus, when there is no directory,
+    build_metrics.json, beside the roles' directories; 0.0, the fixed templates only, when there is no directory,
     file or field), so that text drawn later matches the trio's training data."""
     metrics = Path(original_dir).parent / METRICS_FILE if original_dir is not None else None
     if metrics is None or not metrics.is_file():
@@ -409,6 +401,196 @@ def build_tiny(
         torch.set_num_threads(threads)
 
 
+
+# ------------------------------------------------------------------------------ _build_tiny's phases
+class _TrainingRows(NamedTuple):
+    """The build's token rows, each starting with <|endoftext|>."""
+
+    stories: torch.Tensor  # [n_story, ctx]: the training stream packed into rows
+    starts: torch.Tensor  # [n_start, ctx]: a seeded sample of documents' first tokens
+    repeats: torch.Tensor  # [n_repeat, ctx]: repeated random token sequences
+    heldout: torch.Tensor  # [n_heldout, ctx]: the held-out stream packed into rows
+    phases: list[torch.Tensor]  # one [n_rows, context] per curriculum phase
+
+
+class _StoryRows:
+    """The training documents' token stream as rows of any context: packed ("stream") or each document's start
+    ("starts"), each computed once."""
+
+    def __init__(self, stream: list[int], starts: list[int], eos: int) -> None:
+        self.stream, self.starts, self.eos = stream, starts, eos
+        self.stream_ids = torch.as_tensor(stream, dtype=torch.long)  # [n_tokens], converted once
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def rows(self, text: str, context: int) -> torch.Tensor:
+        """LongTensor[n_rows, context] of the story text: the packed stream, or each document's start."""
+        if (text, context) not in self._cache:
+            self._cache[text, context] = (pack_stream(self.stream_ids, context, self.eos) if text == "stream"
+                                          else document_start_rows(self.stream, self.starts, context, self.eos))
+        return self._cache[text, context]
+
+
+def _resolve_config(config: BuildConfig | None, seed: int,
+                    budget: float | None) -> tuple[BuildConfig, list[CurriculumPhase]]:
+    """A copy of the config with the build's seed (and pretraining budget), checked; and its curriculum phases."""
+    cfg = config or BuildConfig()
+    cfg = dataclasses.replace(cfg, seed=seed, pretrain=dataclasses.replace(cfg.pretrain, seed=seed))
+    if budget is not None:
+        cfg.pretrain.time_budget_minutes = budget
+    curriculum = check_config(cfg)
+    cfg.pretrain.curriculum = tuple((phase.context, phase.steps) for phase in curriculum)
+    return cfg, curriculum
+
+
+def _full_length_rows(cfg: BuildConfig, story: _StoryRows, pool: list[int],
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stories, starts, repeats), each [n, n_positions]: the packed stream, then as many start rows and repeated
+    rows as make them the fractions start_rows and repeat_rows of all three."""
+    from lnscope.analysis.tinymodel.corpus import repeated_token_rows
+
+    ctx = cfg.pretrain.n_positions
+    stories = story.rows("stream", ctx)
+    story_fraction = 1 - cfg.repeat_rows - cfg.start_rows
+    n_repeats = round(cfg.repeat_rows * stories.shape[0] / story_fraction)
+    repeats = repeated_token_rows(pool, n_repeats, ctx, seed, story.eos, span=cfg.repeat_span)
+    n_starts = round(cfg.start_rows * stories.shape[0] / story_fraction)
+    starts = sample_rows(story.rows("starts", ctx), n_starts, seed + 500) if n_starts else stories[:0]
+    return stories, starts, repeats
+
+
+def _curriculum_phase_rows(cfg: BuildConfig, i: int, phase: CurriculumPhase, story: _StoryRows, pool: list[int],
+                           seed: int) -> torch.Tensor:
+    """LongTensor[n_rows, phase.context] of curriculum phase i: one epoch's rows at most, a seeded sample of its
+    story text, then its own seeded repeated sequences (the fraction repeat_fraction of the rows)."""
+    from lnscope.analysis.tinymodel.corpus import repeated_token_rows
+
+    phase_seed = seed + 1000 * (i + 1)
+    text = story.rows(phase.text, phase.context)
+    needed = phase.steps * curriculum_batch_size(cfg.pretrain, phase.context)
+    if phase.repeat_fraction >= 1:
+        text, n_repeats = text[:0], needed
+    else:
+        keep = min(text.shape[0], math.ceil(needed * (1 - phase.repeat_fraction)))
+        order = torch.randperm(text.shape[0], generator=torch.Generator().manual_seed(phase_seed))
+        text = text[order[:keep].sort().values]
+        n_repeats = round(phase.repeat_fraction * keep / (1 - phase.repeat_fraction))
+    repeats = repeated_token_rows(pool, n_repeats, phase.context, phase_seed, story.eos, span=phase.repeat_span)
+    return torch.cat([text, repeats])
+
+
+def _tokenize(cfg: BuildConfig, curriculum: list[CurriculumPhase], tokenizer: Any, train_docs: list[str],
+              heldout_docs: list[str], seed: int) -> _TrainingRows:
+    """Tokenize and pack: every row is <|endoftext|> + context-1 tokens."""
+    eos = tokenizer.eos_token_id
+    starts: list[int] = []
+    story = _StoryRows(tokenize_docs(tokenizer, train_docs, starts, cfg.split_first_word, seed), starts, eos)
+    pool = repeat_pool(tokenizer, cfg.repeat_pool)
+    stories, start_sample, repeats = _full_length_rows(cfg, story, pool, seed)
+    phases = [_curriculum_phase_rows(cfg, i, phase, story, pool, seed) for i, phase in enumerate(curriculum)]
+    heldout = pack_stream(tokenize_docs(tokenizer, heldout_docs), cfg.pretrain.n_positions, eos)
+    return _TrainingRows(stories, start_sample, repeats, heldout, phases)
+
+
+def _train_tokens(rows: _TrainingRows, tokenizer: Any) -> torch.Tensor:
+    """LongTensor[n_train, ctx]: story, start and repeated rows (pretraining and fine-tuning shuffle them)."""
+    train_tokens = torch.cat([rows.stories, rows.starts, rows.repeats])
+    logger.info("build-tiny: %d train sequences (%d of story text, %d document starts, %d of repeated tokens; "
+                "%.2fM tokens), %d held-out sequences, vocabulary %d", train_tokens.shape[0], rows.stories.shape[0],
+                rows.starts.shape[0], rows.repeats.shape[0], train_tokens.numel() / 1e6, rows.heldout.shape[0],
+                len(tokenizer))
+    return train_tokens
+
+
+def _remove_ln(cfg: BuildConfig, original: Path, work: Path, train_tokens: torch.Tensor, seed: int,
+               progress: bool) -> Any:
+    """FakeLN fine-tuning of `original` into its LN-free twin, and the LN-kept control (in work/remove_ln)."""
+    from lnscope.analysis.remove_ln import RemoveLNConfig, remove_layernorm
+
+    rl_dir = work / "remove_ln"
+    if rl_dir.exists():
+        shutil.rmtree(rl_dir)
+    rl_cfg = RemoveLNConfig(
+        total_steps=cfg.remove_ln_steps, batch_size=cfg.remove_ln_batch_size, lr=cfg.remove_ln_lr,
+        min_lr=min(cfg.remove_ln_min_lr, cfg.remove_ln_lr), seed=seed, device="cpu", checkpoint_every=0,
+    )
+    rl = remove_layernorm(original, rl_dir, rl_cfg, train_tokens=train_tokens, control=True, progress=progress)
+    if not rl.completed or rl.ln_free_dir is None or rl.control_dir is None:
+        raise RuntimeError("build-tiny: LN removal stopped before the end")
+    return rl
+
+
+def _data_metrics(cfg: BuildConfig, rows: _TrainingRows, train_tokens: torch.Tensor) -> dict[str, Any]:
+    """build_metrics.json's "data": the corpus, its token counts and row kinds."""
+    return {
+        "generator": "lnscope.analysis.tinymodel.corpus.generate_documents",
+        "train_docs": cfg.n_docs, "heldout_docs": cfg.n_heldout_docs, "tokenizer_docs": cfg.tokenizer_docs,
+        "train_tokens": int(train_tokens.numel()), "train_sequences": int(train_tokens.shape[0]),
+        "story_sequences": int(rows.stories.shape[0]), "repeat_sequences": int(rows.repeats.shape[0]),
+        "start_sequences": int(rows.starts.shape[0]), "ioi_grammar": cfg.ioi_grammar,
+        "split_first_word": cfg.split_first_word,
+        "heldout_tokens": int(rows.heldout.numel()), "heldout_sequences": int(rows.heldout.shape[0]),
+        "context": cfg.pretrain.n_positions,
+    }
+
+
+def _pretrain_metrics(cfg: BuildConfig, curriculum: list[CurriculumPhase], rows: _TrainingRows,
+                      pre: Any) -> dict[str, Any]:
+    """build_metrics.json's "pretrain": the run's outcome, its lr schedule, row settings and curriculum."""
+    p = cfg.pretrain
+    return {"steps": pre.steps, "planned_steps": p.steps, "completed": pre.completed,
+            "batch_size": p.batch_size, "tokens_seen": pre.tokens_seen,
+            "tokens_per_second": round(pre.tokens_per_second, 1), "final_train_loss": pre.final_loss,
+            "lr": p.lr, "min_lr": p.min_lr, "decay_steps": p.decay_steps,
+            "position_init": p.position_init,
+            "repeat_pool": cfg.repeat_pool,
+            "repeat_span": list(cfg.repeat_span),
+            "curriculum_position_offsets": p.curriculum_position_offsets,
+            "curriculum": [{"context": phase.context, "repeat_fraction": phase.repeat_fraction,
+                            "steps": phase.steps, "text": phase.text, "sequences": int(phase_rows.shape[0]),
+                            "repeat_span": list(phase.repeat_span),
+                            "batch_size": curriculum_batch_size(p, phase.context)}
+                           for phase, phase_rows in zip(curriculum, rows.phases)]}
+
+
+def _remove_ln_metrics(cfg: BuildConfig, rl: Any) -> dict[str, Any]:
+    """build_metrics.json's "remove_ln": the FakeLN schedule and the fine-tuning's outcome."""
+    return {"steps": rl.schedule.total_steps, "schedule": rl.schedule.to_dict(),
+            "batch_size": cfg.remove_ln_batch_size, "tokens_per_step": rl.tokens_per_step,
+            "final_loss": rl.final_loss, "final_aux_loss": rl.final_aux_loss,
+            "steps_per_second": rl.steps_per_second, "sigma": rl.sigma}
+
+
+def _architecture(cfg: BuildConfig, vocab_size: int, n_params: int) -> dict[str, Any]:
+    """build_metrics.json's "architecture"."""
+    p = cfg.pretrain
+    return {"model_type": "gpt2", "n_layer": p.n_layer, "n_head": p.n_head, "n_embd": p.n_embd,
+            "n_positions": p.n_positions, "vocab_size": vocab_size, "n_params": n_params, "activation": "gelu_new",
+            "tied_embeddings": True}
+
+
+def _environment() -> dict[str, Any]:
+    """build_metrics.json's "environment": what a reproduction must match."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def _write_outputs(out: Path, metrics: dict[str, Any]) -> None:
+    """build_metrics.json and MODEL_CARD.md in `out`."""
+    from lnscope.analysis.tinymodel.model_card import write_model_card
+
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_model_card(out / CARD_FILE, metrics)
+    logger.info("build-tiny: wrote %s in %.1f min; quality bars %s", out, metrics["total_seconds"] / 60,
+                "all pass" if metrics["checks"]["all_pass"] else "NOT all met")
+
+
+def _raise_if_missed(checks: dict[str, Any]) -> None:
+    """RuntimeError naming every quality bar that is missed."""
+    if not checks["all_pass"]:
+        failed = [k for k, v in checks.items() if isinstance(v, dict) and not v["pass"]]
+        raise RuntimeError(f"build-tiny: quality bars missed: {', '.join(failed)}")
+
+
 def _build_tiny(
     out_dir: str | Path = "models/tiny",
     seed: int = 0,
@@ -419,161 +601,56 @@ def _build_tiny(
     progress: bool | Callable[[str, float], None] = True,
     strict: bool = False,
 ) -> dict[str, Any]:
-    from lnscope.analysis.remove_ln import RemoveLNConfig, remove_layernorm
-    from lnscope.analysis.tinymodel.corpus import generate_documents, repeated_token_rows
-    from lnscope.analysis.tinymodel.model_card import write_model_card
+    """build_tiny's stages, in order: corpus, tokenizer, tokenize, pretrain, remove_ln, evaluate; then the metrics
+    and the model card."""
+    from lnscope.analysis.tinymodel.corpus import generate_documents
     from lnscope.analysis.tinymodel.tokenizer import train_tokenizer
 
-    cfg = config or BuildConfig()
-    cfg = dataclasses.replace(cfg, seed=seed, pretrain=dataclasses.replace(cfg.pretrain, seed=seed))
-    if budget is not None:
-        cfg.pretrain.time_budget_minutes = budget
-    curriculum = check_config(cfg)
-    cfg.pretrain.curriculum = tuple((phase.context, phase.steps) for phase in curriculum)
+    cfg, curriculum = _resolve_config(config, seed, budget)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else Path("build") / "tiny-work"
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    callback = progress if callable(progress) else None
-    bar_progress = progress if progress is True else False
-    stages = _Stages(callback)
+    stages = _Stages(progress if callable(progress) else None)
     t_start = time.perf_counter()
-    ctx = cfg.pretrain.n_positions
 
-    # 1. corpus
-    def corpus() -> tuple[list[str], list[str]]:
-        return (generate_documents(cfg.n_docs, seed, "train", cfg.ioi_grammar),
-                generate_documents(cfg.n_heldout_docs, seed, "heldout", cfg.ioi_grammar))
-
-    train_docs, heldout_docs = stages.run("corpus", corpus)
-
-    # 2. tokenizer
+    train_docs, heldout_docs = stages.run("corpus", lambda: (
+        generate_documents(cfg.n_docs, seed, "train", cfg.ioi_grammar),
+        generate_documents(cfg.n_heldout_docs, seed, "heldout", cfg.ioi_grammar)))
     tokenizer = stages.run("tokenizer", lambda: train_tokenizer(train_docs[: cfg.tokenizer_docs], cfg.vocab_size,
-                                                               model_max_length=ctx))
-
-    # 3. tokenize and pack: each row is <|endoftext|> + ctx-1 tokens of the document stream
-    def tokenize() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        eos = tokenizer.eos_token_id
-        starts: list[int] = []
-        stream = tokenize_docs(tokenizer, train_docs, starts, cfg.split_first_word, seed)
-        pool = repeat_pool(tokenizer, cfg.repeat_pool)
-
-        stream_ids = torch.as_tensor(stream, dtype=torch.long)  # converted once, packed per context below
-
-        @functools.cache
-        def text_rows(text: str, context: int) -> torch.Tensor:
-            """The story text as rows of `context` tokens: the packed stream, or each document's start."""
-            return (pack_stream(stream_ids, context, eos) if text == "stream"
-                    else document_start_rows(stream, starts, context, eos))
-
-        stories = text_rows("stream", ctx)
-        story_fraction = 1 - cfg.repeat_rows - cfg.start_rows
-        n_repeats = round(cfg.repeat_rows * stories.shape[0] / story_fraction)
-        repeats = repeated_token_rows(pool, n_repeats, ctx, seed, eos, span=cfg.repeat_span)
-        n_starts = round(cfg.start_rows * stories.shape[0] / story_fraction)
-        start_sample = sample_rows(text_rows("starts", ctx), n_starts, seed + 500) if n_starts else stories[:0]
-        # each curriculum phase: one epoch's rows at most, its own seeded repeated sequences and story sample
-        phases = []
-        for i, phase in enumerate(curriculum):
-            text = text_rows(phase.text, phase.context)
-            needed = phase.steps * curriculum_batch_size(cfg.pretrain, phase.context)
-            if phase.repeat_fraction >= 1:
-                text, n_phase_repeats = text[:0], needed
-            else:
-                keep = min(text.shape[0], math.ceil(needed * (1 - phase.repeat_fraction)))
-                order = torch.randperm(text.shape[0], generator=torch.Generator().manual_seed(seed + 1000 * (i + 1)))
-                text = text[order[:keep].sort().values]
-                n_phase_repeats = round(phase.repeat_fraction * keep / (1 - phase.repeat_fraction))
-            phases.append(torch.cat([text, repeated_token_rows(pool, n_phase_repeats, phase.context,
-                                                               seed + 1000 * (i + 1), eos,
-                                                               span=phase.repeat_span)]))
-        return stories, start_sample, repeats, pack_stream(tokenize_docs(tokenizer, heldout_docs), ctx, eos), phases
-
-    story_tokens, start_tokens, repeat_tokens, heldout_tokens, phase_tokens = stages.run("tokenize", tokenize)
-    train_tokens = torch.cat([story_tokens, start_tokens, repeat_tokens])  # pretraining and fine-tuning shuffle rows
-    logger.info("build-tiny: %d train sequences (%d of story text, %d document starts, %d of repeated tokens; "
-                "%.2fM tokens), %d held-out sequences, vocabulary %d", train_tokens.shape[0], story_tokens.shape[0],
-                start_tokens.shape[0], repeat_tokens.shape[0], train_tokens.numel() / 1e6, heldout_tokens.shape[0],
-                len(tokenizer))
-
-    # 4. pretraining (in the work directory; only the model files are shipped)
-    pre_dir = work / "pretrain"
-    pre = stages.run("pretrain", lambda: pretrain(train_tokens, cfg.pretrain, pre_dir, tokenizer=tokenizer,
-                                                  eval_tokens=heldout_tokens, curriculum_tokens=phase_tokens,
+                                                               model_max_length=cfg.pretrain.n_positions))
+    rows = stages.run("tokenize", lambda: _tokenize(cfg, curriculum, tokenizer, train_docs, heldout_docs, seed))
+    train_tokens = _train_tokens(rows, tokenizer)
+    # pretraining writes to the work directory; only the model files are shipped
+    pre = stages.run("pretrain", lambda: pretrain(train_tokens, cfg.pretrain, work / "pretrain", tokenizer=tokenizer,
+                                                  eval_tokens=rows.heldout, curriculum_tokens=rows.phases,
                                                   progress=progress))
-    copy_model_dir(pre_dir, out / "original")
-
-    # 5. LN removal and the LN-kept control, fine-tuned from the pretrained original
-    rl_dir = work / "remove_ln"
-    if rl_dir.exists():
-        shutil.rmtree(rl_dir)
-    rl_cfg = RemoveLNConfig(
-        total_steps=cfg.remove_ln_steps, batch_size=cfg.remove_ln_batch_size, lr=cfg.remove_ln_lr,
-        min_lr=min(cfg.remove_ln_min_lr, cfg.remove_ln_lr), seed=seed, device="cpu", checkpoint_every=0,
-    )
-    rl = stages.run("remove_ln", lambda: remove_layernorm(out / "original", rl_dir, rl_cfg, train_tokens=train_tokens,
-                                                          control=True, progress=bar_progress))
-    if not rl.completed or rl.ln_free_dir is None or rl.control_dir is None:
-        raise RuntimeError("build-tiny: LN removal stopped before the end")
+    copy_model_dir(work / "pretrain", out / "original")
+    rl = stages.run("remove_ln", lambda: _remove_ln(cfg, out / "original", work, train_tokens, seed,
+                                                    progress=progress is True))
     copy_model_dir(Path(rl.ln_free_dir), out / "ln_free")
     copy_model_dir(Path(rl.control_dir), out / "control")
+    evals = stages.run("evaluate", lambda: {
+        role: evaluate_model(load_hf(out / role), tokenizer, rows.heldout, cfg) for role in ROLES})
 
-    # 6. evaluation on the held-out split and held-out task prompts
-    def evaluate() -> dict[str, dict[str, Any]]:
-        return {role: evaluate_model(load_hf(out / role), tokenizer, heldout_tokens, cfg) for role in ROLES}
-
-    evals = stages.run("evaluate", evaluate)
-    checks = check_bars(evals)
-
-    n_params = sum(p.numel() for p in load_hf(out / "original").parameters())
     metrics: dict[str, Any] = {
         "format": "lnscope-tiny-build/1",
         "seed": seed,
         "config": cfg.to_dict(),
-        "architecture": {"model_type": "gpt2", "n_layer": cfg.pretrain.n_layer, "n_head": cfg.pretrain.n_head,
-                         "n_embd": cfg.pretrain.n_embd, "n_positions": ctx, "vocab_size": len(tokenizer),
-                         "n_params": n_params, "activation": "gelu_new", "tied_embeddings": True},
-        "data": {
-            "generator": "lnscope.analysis.tinymodel.corpus.generate_documents",
-            "train_docs": cfg.n_docs, "heldout_docs": cfg.n_heldout_docs, "tokenizer_docs": cfg.tokenizer_docs,
-            "train_tokens": int(train_tokens.numel()), "train_sequences": int(train_tokens.shape[0]),
-            "story_sequences": int(story_tokens.shape[0]), "repeat_sequences": int(repeat_tokens.shape[0]),
-            "start_sequences": int(start_tokens.shape[0]), "ioi_grammar": cfg.ioi_grammar,
-            "split_first_word": cfg.split_first_word,
-            "heldout_tokens": int(heldout_tokens.numel()), "heldout_sequences": int(heldout_tokens.shape[0]),
-            "context": ctx,
-        },
-        "pretrain": {"steps": pre.steps, "planned_steps": cfg.pretrain.steps, "completed": pre.completed,
-                     "batch_size": cfg.pretrain.batch_size, "tokens_seen": pre.tokens_seen,
-                     "tokens_per_second": round(pre.tokens_per_second, 1), "final_train_loss": pre.final_loss,
-                     "lr": cfg.pretrain.lr, "min_lr": cfg.pretrain.min_lr, "decay_steps": cfg.pretrain.decay_steps,
-                     "position_init": cfg.pretrain.position_init,
-                     "repeat_pool": cfg.repeat_pool,
-                     "repeat_span": list(cfg.repeat_span),
-                     "curriculum_position_offsets": cfg.pretrain.curriculum_position_offsets,
-                     "curriculum": [{"context": phase.context, "repeat_fraction": phase.repeat_fraction,
-                                     "steps": phase.steps, "text": phase.text, "sequences": int(rows.shape[0]),
-                                     "repeat_span": list(phase.repeat_span),
-                                     "batch_size": curriculum_batch_size(cfg.pretrain, phase.context)}
-                                    for phase, rows in zip(curriculum, phase_tokens)]},
-        "remove_ln": {"steps": rl.schedule.total_steps, "schedule": rl.schedule.to_dict(),
-                      "batch_size": cfg.remove_ln_batch_size, "tokens_per_step": rl.tokens_per_step,
-                      "final_loss": rl.final_loss, "final_aux_loss": rl.final_aux_loss,
-                      "steps_per_second": rl.steps_per_second, "sigma": rl.sigma},
+        "architecture": _architecture(cfg, len(tokenizer),
+                                      sum(p.numel() for p in load_hf(out / "original").parameters())),
+        "data": _data_metrics(cfg, rows, train_tokens),
+        "pretrain": _pretrain_metrics(cfg, curriculum, rows, pre),
+        "remove_ln": _remove_ln_metrics(cfg, rl),
         "stage_seconds": stages.seconds,
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "eval": evals,
-        "checks": checks,
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "python": platform.python_version(), "machine": platform.machine()},
+        "checks": check_bars(evals),
+        "environment": _environment(),
     }
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    write_model_card(out / CARD_FILE, metrics)
-    logger.info("build-tiny: wrote %s in %.1f min; quality bars %s", out, metrics["total_seconds"] / 60,
-                "all pass" if checks["all_pass"] else "NOT all met")
-    if strict and not checks["all_pass"]:
-        failed = [k for k, v in checks.items() if isinstance(v, dict) and not v["pass"]]
-        raise RuntimeError(f"build-tiny: quality bars missed: {', '.join(failed)}")
+    _write_outputs(out, metrics)
+    if strict:
+        _raise_if_missed(metrics["checks"])
     return metrics

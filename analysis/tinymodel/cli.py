@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("build-tiny", help="build the embedded tiny trio (corpus, tokenizer, pretraining, remove-ln)")
+    p = subparsers.add_parser("build-tiny",
+                              help="build the embedded tiny trio (corpus, tokenizer, pretraining, remove-ln)")
     p.add_argument("--out", type=Path, default=Path("models/tiny"))
     p.add_argument("--work-dir", type=Path, default=Path("build/tiny-work"))
     p.add_argument("--seed", type=int, default=0)
@@ -29,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="curriculum rows start at random positions, so short rows train every position embedding")
     p.add_argument("--repeat-rows", type=float, help="fraction of training rows that are repeated random tokens")
     p.add_argument("--repeat-span", type=parse_span, metavar="LO-HI",
-                   help="tokens per repeated sequence in the full-length repeated rows (default 3-50; in trials "
-                        "induction worked at the distances it was trained on)")
+                   help="tokens per repeated sequence in the full-length repeated rows (default 3-50; induction "
+                        "works at the distances it was trained on)")
     p.add_argument("--start-rows", type=float,
                    help="fraction of the full-length training rows that are documents' starts (as task prompts are)")
     p.add_argument("--ioi-grammar", type=float,

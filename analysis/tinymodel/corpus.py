@@ -9,7 +9,7 @@ Each document is a short TinyStories-like story (60-200 words) with, at high rat
 - year spans from the *training* greater-than templates, end > start, same century, and the
   (century, start suffix) never held out, e.g. "The war lasted from the year 1732 to 1758.";
   years are always four digits after a space, so a tokenizer splitting digit runs into pairs
-  learns " 17" and "32" pieces (see the tokenizer note in analysis.tasks.greater_than).
+  learns " 17" and "32" pieces (see the tokenizer note in lnscope.analysis.tasks.greater_than).
 - a random word sequence said twice (induction),
 - simple facts.
 
@@ -193,9 +193,8 @@ STORY_SENTENCES = (
     "{X} whispered a secret to the {ANIMAL}.",
     "The little {ANIMAL} was lost, so {X} took it home.",
     "{X} baked a pie with {his} grandma.",
-    # more contexts for words of the held-out IOI clauses, so none is known from one sentence only (with
-    # "wrote a note and left it" its only use of "note", the previous trio's original predicted " left" after
-    # "wrote a note to")
+    # more contexts for words of the held-out IOI clauses, so none is known from one sentence only (a word seen
+    # in one sentence makes the model predict that sentence's next word: " left" after "wrote a note to")
     "{X} found a note under the door.",
     '{X} read the note twice. It said, "See you soon!"',
     "There was a note on the {OBJECT}.",
@@ -231,11 +230,9 @@ IOI_ENDINGS = (
     ", and then they went home.",
     " before lunch.",
 )
-# A grammar of further IOI sentences (2026-11-24 trials: on the 196 fixed training templates alone a
-# context-32 model memorised them, held-out templates peaking at 74% accuracy; at context 128 with start
-# rows the grammar gave the same held-out accuracy as the templates, so its benefit is not established).
-# Each is an intro naming both
-# characters, an optional name-free sentence, then the repeated subject doing something "to" someone.
+# A grammar of further IOI sentences, so the model meets more than the 196 fixed training templates (which a
+# short-context model memorises). Each is an intro naming both characters, an optional name-free sentence,
+# then the repeated subject doing something "to" someone.
 # None of its intros or actions is a held-out one (tests check every rendering against them).
 IOI_SUBORDINATORS = (
     "When", "After", "Just after", "Because", "Since", "Before", "Right after", "The moment", "Soon after",
@@ -572,7 +569,7 @@ def iter_documents(n_docs: int | None, seed: int, split: str = "train", ioi_gram
     """Yield `n_docs` documents (endlessly if None) from the seeded stream of `split`.
 
     `ioi_grammar`: the fraction of IOI sentences drawn from the grammar (ioi_grammar_template) rather than
-    the fixed training templates (0: the first trio's corpus).
+    the fixed training templates (0: the fixed templates only).
     """
     if not 0 <= ioi_grammar <= 1:
         raise ValueError(f"ioi_grammar must be in [0, 1]; got {ioi_grammar}")
