@@ -1,6 +1,14 @@
-# lnscope server image. CUDA builds of torch come from PyTorch's index (TORCH_INDEX).
-FROM python:3.11-slim
+# lnscope server image: the wheel, installed as users install it. CUDA builds of torch come from
+# PyTorch's index (TORCH_INDEX); the embedded tiny trio is copied in (docker-compose mounts ./models over it).
+FROM python:3.11-slim AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY analysis ./analysis
+COPY server ./server
+COPY frontend ./frontend
+RUN pip wheel --no-cache-dir --no-deps -w /dist .
 
+FROM python:3.11-slim
 ARG TORCH_SPEC="torch>=2.6"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cu124"
 ENV PYTHONUNBUFFERED=1 \
@@ -12,11 +20,9 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 RUN pip install --no-cache-dir "$TORCH_SPEC" --index-url "$TORCH_INDEX"
-COPY pyproject.toml README.md ./
-COPY analysis ./analysis
-COPY server ./server
-COPY frontend ./frontend
-RUN pip install --no-cache-dir .
+COPY --from=wheel /dist /dist
+RUN pip install --no-cache-dir /dist/lnscope-*.whl && rm -rf /dist
+COPY models ./models
 
 EXPOSE 8000
 CMD ["lnscope", "serve"]

@@ -17,7 +17,7 @@ SHELL := /bin/bash
 CHROMIUM ?= $(shell command -v chromium 2>/dev/null || echo /usr/bin/chromium)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install browser circuit-tracer tiny-models bench clean
+.PHONY: run test lint install browser circuit-tracer tiny-models bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,10 @@ circuit-tracer:
 	@$(MAKE) --no-print-directory $(CT_VENV)/.installed || { rm -rf $(CT_VENV); \
 		echo "circuit-tracer did not install: the comparison test will be skipped"; }
 
-test: install browser circuit-tracer
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint browser circuit-tracer
 	LNSCOPE_CHROMIUM="$(CHROMIUM)" LNSCOPE_CIRCUIT_TRACER_PYTHON="$(abspath $(CT_VENV))/bin/python" \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -10,10 +10,11 @@ from typing import Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
-from lnscope.analysis.ln_stats import CERow, loss_trio
+from lnscope.analysis.kinds.base import ordered
+from lnscope.analysis.ln_stats import CERow, ce_table, loss
 from lnscope.analysis.loading import LoadedModel
 from lnscope.analysis.progress import Progress, ensure
-from lnscope.analysis.results import Manifest, make_manifest
+from lnscope.analysis.results import PAPER_ORDER, Manifest, make_manifest
 from lnscope.analysis.tasks import TaskResult, build_task, evaluate_task
 
 EVAL_TASKS: tuple[str, ...] = ("ioi", "greater_than", "induction")
@@ -50,18 +51,21 @@ def evaluate_trio(
     tokenizer = next(iter(models.values())).tokenizer
     batches = {name: build_task(name, tokenizer, n_prompts=n_prompts, seed=seed, **({} if name == "induction" else {"split": split}))
                for name in tasks}
-    losses = loss_trio(models, eval_texts, pair=pair, max_tokens=max_tokens, n_bootstrap=200, seed=seed, per_token=False)
     roles: dict[str, RoleEval] = {}
+    losses = {}
     for i, (role, model) in enumerate(models.items()):
-        progress.stage(f"tasks on {role}", i / len(models))
+        losses[role] = loss(model, eval_texts, max_tokens=max_tokens, n_bootstrap=200, seed=seed, per_token=False,
+                            progress=progress.span(f"loss on {role}: ", i / len(models), (i + 0.5) / len(models)))
+        progress.stage(f"tasks on {role}", (i + 0.5) / len(models))
         device = model.device
         results = {name: evaluate_task(lambda t, b=model.bridge: b(t.to(device)), batch, batch_size=32)
                    for name, batch in batches.items()}
-        roles[role] = RoleEval(role=role, cross_entropy=losses.roles[role].mean_loss, tasks=results)
+        roles[role] = RoleEval(role=role, cross_entropy=losses[role].mean_loss, tasks=results)
     progress.stage("done", 1.0)
     options = {"tasks": list(tasks), "n_prompts": n_prompts, "split": split, "max_tokens": max_tokens}
     return PairEval(manifest=make_manifest("eval", models, pair=pair, seed=seed, options=options), split=split,
-                    n_prompts=n_prompts, ce_table=losses.table, roles=roles)
+                    n_prompts=n_prompts, roles=roles,
+                    ce_table=ce_table({role: losses[role] for role in ordered(list(losses), PAPER_ORDER)}))
 
 
 def format_eval(result: PairEval) -> str:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from lnscope.analysis.checks import tokenize_prompts
 from lnscope.analysis.errors import LnscopeError
-
-from lnscope.analysis.kinds import Inputs, Kind, Limits, RequestError
+from lnscope.analysis.kinds.base import Inputs, Kind, Limits, RequestError
 from lnscope.analysis.requests import AnalysisRequest
 
 
@@ -51,8 +52,8 @@ def task_inputs(request: AnalysisRequest, tokenizer, n_ctx: int, limits: Limits)
     return Inputs(task=batch, tokens=batch.clean_tokens, end_pos=batch.end_pos)
 
 
-def text_inputs(request: AnalysisRequest, default_text: list[str], limits: Limits) -> Inputs:
-    texts = request.text if request.text is not None else default_text
+def text_inputs(request: AnalysisRequest, default_text: Callable[[], list[str]], limits: Limits) -> Inputs:
+    texts = request.text if request.text is not None else default_text()
     if request.text is not None and len(texts) > limits.max_prompts:
         raise RequestError(["body", "text"], f"at most {limits.max_prompts} texts per request")
     total = sum(len(t) for t in texts)
@@ -62,7 +63,8 @@ def text_inputs(request: AnalysisRequest, default_text: list[str], limits: Limit
 
 
 def prepare_inputs(kind: Kind, request: AnalysisRequest, tokenizer, n_ctx: int, limits: Limits,
-                   default_text: list[str]) -> Inputs:
+                   default_text: Callable[[], list[str]]) -> Inputs:
+    """The request's prompts, task or text as the kind takes them (`default_text()` when it names no text)."""
     if kind.inputs == "prompts_or_task":
         if request.task is not None:
             return task_inputs(request, tokenizer, n_ctx, limits)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from lnscope.analysis.loading import LoadedModel
 from lnscope.analysis.pairs import ModelSource
 from lnscope.analysis.progress import Progress, ensure
-from lnscope.analysis.results import PAPER_ORDER, Manifest, make_manifest, run_per_role
+from lnscope.analysis.results import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,6 @@ def frozen_ln_constants(source: ModelSource, n_layers: int) -> tuple[list[Frozen
 
 # ------------------------------------------------------------------------------------ ln_stats
 class LNStatsModelResult(BaseModel):
-    manifest: Manifest
     role: str
     has_ln: bool
     notes: list[str] = Field(default_factory=list)
@@ -307,8 +306,6 @@ def ln_stats(
         notes.insert(0, "LN-free: no normalization, so no scales; `frozen` lists the constants it carries")
 
     return LNStatsModelResult(
-        manifest=make_manifest("ln_stats", {model.role: model},
-                               options=dict(batch_size=batch_size, per_prompt=per_prompt, n_prompts=n_prompts)),
         role=model.role,
         has_ln=has_ln,
         notes=notes,
@@ -326,26 +323,14 @@ def ln_stats(
 
 
 
-def ln_stats_trio(
-    models: Mapping[str, LoadedModel],
-    tokens: torch.Tensor,
-    pair: str | None = None,
-    *,
-    lengths: Sequence[int] | torch.Tensor | None = None,
-    batch_size: int = 8,
-    per_prompt: bool = True,
-    progress: Progress | None = None,
-) -> LNStatsResult:
-    """`ln_stats` for every role, plus a per-LN table: mean scale (with LN) vs frozen sigma (LN-free)."""
-    out = run_per_role(models, lambda model, span: ln_stats(
-        model, tokens, lengths=lengths, batch_size=batch_size, per_prompt=per_prompt, progress=span),
-        progress, order=PAPER_ORDER)
-    n_layers = max(r.n_layers for r in out.values())
+def ln_layer_table(per_role: Mapping[str, LNStatsModelResult]) -> list[LNLayerRow]:
+    """Per LN site and layer: each role's mean scale (with LN) or frozen sigma (LN-free)."""
+    n_layers = max(r.n_layers for r in per_role.values())
     rows = []
     for site, layer in [(s, l) for l in range(n_layers) for s in ("ln1", "ln2")] + [("ln_final", None)]:
         values: dict[str, float | None] = {}
         kinds: dict[str, str] = {}
-        for role, r in out.items():
+        for role, r in per_role.items():
             if r.has_ln and r.scale_layer_mean is not None:
                 v = r.scale_layer_mean[site]
                 values[role] = v[0 if layer is None else layer] if (layer or 0) < len(v) else None
@@ -355,12 +340,7 @@ def ln_stats_trio(
                 values[role] = hit[0].sigma if hit else None
                 kinds[role] = "frozen_sigma"
         rows.append(LNLayerRow(site=site, layer=layer, values=values, kinds=kinds))
-    return LNStatsResult(
-        manifest=make_manifest("ln_stats", {r: models[r] for r in out}, pair=pair,
-                               options=dict(batch_size=batch_size, per_prompt=per_prompt)),
-        roles=out,
-        layer_table=rows,
-    )
+    return rows
 
 
 # ---------------------------------------------------------------------------------------- loss
@@ -392,7 +372,6 @@ def text_sequences(tokenizer, texts: Sequence[str], context: int, max_tokens: in
 
 
 class LossModelResult(BaseModel):
-    manifest: Manifest
     role: str
     context: int
     n_sequences: int
@@ -480,9 +459,6 @@ def loss(
             padded[i, : l.numel()], present[i, : l.numel()] = l, True
         per_pos = _masked_mean(padded, present)
     return LossModelResult(
-        manifest=make_manifest("loss", {model.role: model}, seed=seed,
-                               options=dict(max_tokens=max_tokens, context=context, batch_size=batch_size,
-                                            n_bootstrap=n_bootstrap, n_texts=len(texts))),
         role=model.role,
         context=context,
         n_sequences=len(seqs),
@@ -498,33 +474,11 @@ def loss(
     )
 
 
-def loss_trio(
-    models: Mapping[str, LoadedModel],
-    texts: Sequence[str],
-    pair: str | None = None,
-    *,
-    max_tokens: int | None = None,
-    context: int | None = None,
-    batch_size: int = 4,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    per_token: bool = True,
-    progress: Progress | None = None,
-) -> LossResult:
-    """`loss` for every role and the paper's CE table (original / control / ln_free, gaps vs original)."""
-    out = run_per_role(models, lambda model, span: loss(
-        model, texts, max_tokens=max_tokens, context=context, batch_size=batch_size, n_bootstrap=n_bootstrap,
-        seed=seed, per_token=per_token, progress=span), progress, order=PAPER_ORDER)
-    base = out["original"].mean_loss if "original" in out else None
-    table = [
+def ce_table(per_role: Mapping[str, LossModelResult]) -> list[CERow]:
+    """The paper's CE table: each role's mean loss and CI, and its gap to `original`."""
+    base = per_role["original"].mean_loss if "original" in per_role else None
+    return [
         CERow(role=role, ce=r.mean_loss, ci_low=r.ci_low, ci_high=r.ci_high, n_tokens=r.n_tokens,
               gap_vs_original=(r.mean_loss - base) if base is not None and r.mean_loss is not None else None)
-        for role, r in out.items()
+        for role, r in per_role.items()
     ]
-    return LossResult(
-        manifest=make_manifest("loss", {r: models[r] for r in out}, pair=pair, seed=seed,
-                               options=dict(max_tokens=max_tokens, context=context, batch_size=batch_size,
-                                            n_bootstrap=n_bootstrap, n_texts=len(texts))),
-        roles=out,
-        table=table,
-    )

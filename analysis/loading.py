@@ -63,8 +63,7 @@ class LoadedModel:
 
     def manifest(self) -> dict[str, Any]:
         """What a result computed on this model needs to be reproduced."""
-        import transformer_lens
-        import transformers
+        from importlib.metadata import version
 
         return {
             "role": self.role,
@@ -75,8 +74,8 @@ class LoadedModel:
             "device": str(self.device),
             "versions": {
                 "lnscope": __version__,
-                "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else None,
-                "transformers": transformers.__version__,
+                "transformer_lens": version("transformer-lens"),
+                "transformers": version("transformers"),
                 "torch": torch.__version__,
             },
         }
@@ -126,6 +125,34 @@ def _fetch_config(source: ModelSource, role: str) -> None:
     except (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled,
             httpx.HTTPError, OSError) as exc:
         raise _hub_error(source, role, exc) from exc
+
+
+_tokenizers: dict[tuple, tuple[Any, int]] = {}
+_tokenizers_lock = threading.Lock()
+
+
+def pair_tokenizer(pair: PairSpec) -> tuple[Any, int]:
+    """The pair's tokenizer and context length, read once from the original's files (no weights).
+
+    Every role of a pair shares this tokenizer; requests are tokenized with it before any model loads.
+    """
+    source = pair.original
+    key = (source.location, source.revision)
+    with _tokenizers_lock:
+        if key in _tokenizers:
+            return _tokenizers[key]
+    from transformers import AutoConfig, AutoTokenizer
+
+    _fetch_config(source, "original")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, revision=source.revision)
+        config = AutoConfig.from_pretrained(source.location, revision=source.revision)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of pair {pair.name!r}: {exc}") from exc
+    n_ctx = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
+    with _tokenizers_lock:
+        _tokenizers[key] = (tokenizer, n_ctx)
+    return tokenizer, n_ctx
 
 
 def load_hf_model(source: ModelSource, role: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from lnscope.analysis import __version__
 from lnscope.analysis.errors import LnscopeError, ModelLoadError, UnknownPairError, UnknownRoleError
-from lnscope.analysis.inputs import prepare_inputs
-from lnscope.analysis.kinds import KINDS, RequestError, RunContext, load_builtin_kinds
+from lnscope.analysis.kinds import KINDS, RequestError
+from lnscope.analysis.pipeline import PreparedRun, prepare_run, run_prepared
 from lnscope.analysis.pairs import PairRegistry, PairSpec
 
 from lnscope.server.frontend import mount_api_docs, mount_frontend
@@ -180,47 +180,40 @@ def submit_analysis(
     return _submit(state, kind, body, wait=wait, timeout=timeout)
 
 
-def _submit(state: ServerState, kind: str, body: AnalysisRequest, *, wait: bool, timeout: float):
-    """Validate, dedupe, queue and (with `wait`) wait: a stored result, or 202 with the job."""
-    spec_kind = KINDS[kind]
+def _prepare(state: ServerState, kind: str, body: AnalysisRequest) -> PreparedRun:
+    """The request validated and tokenized (pipeline.prepare_run), errors as the API answers them."""
+    spec = _pair(state, body.pair)
     try:
-        options = spec_kind.options.model_validate(body.options)
+        return prepare_run(kind, body, spec, state.limits)
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", "options", *e["loc"])} for e in exc.errors(include_url=False)]) from None
-    spec = _pair(state, body.pair)
-    roles = body.roles or spec_kind.default_roles_for(spec)
-    for i, role in enumerate(roles):
-        if role not in spec.roles():
-            raise ApiError(404, f"roles[{i}]: pair {spec.name!r} has no role {role!r}; its roles are {sorted(spec.roles())}")
-    spec_kind.check_role_count(roles)
-    resources = spec_kind.resources(spec, roles) if spec_kind.resources is not None else {}
-    tokenizer, n_ctx = _tokenizer(state, spec)
-    inputs = prepare_inputs(spec_kind, body, tokenizer, n_ctx, state.limits, default_text=_default_text(spec))
-    if spec_kind.prepare is not None:
-        inputs.extra = spec_kind.prepare(options, inputs, tokenizer)
+    except UnknownRoleError as exc:
+        raise ApiError(404, str(exc)) from None
 
-    stored_inputs = {**body.model_dump(mode="json"), "roles": roles, "options": options.model_dump(mode="json")}
-    key = {**_manifest_key(state, spec, roles), **resources}
+
+def _submit(state: ServerState, kind: str, body: AnalysisRequest, *, wait: bool, timeout: float):
+    """Validate, dedupe, queue and (with `wait`) wait: a stored result, or 202 with the job."""
+    run = _prepare(state, kind, body)
+    stored_inputs = run.stored_inputs()
+    key = {**_manifest_key(state, run.pair, run.roles), **run.resources}
     digest = request_hash(kind, stored_inputs, key)
     if (done := state.store.find_done(digest)) is not None:
         return _result_out(done, cached=True)
     row = state.store.find_active(digest)
     if row is None:
-        row = state.store.create(kind=kind, pair=spec.name, inputs=stored_inputs, req_hash=digest, manifest=None)
+        row = state.store.create(kind=kind, pair=run.pair.name, inputs=stored_inputs, req_hash=digest, manifest=None)
 
-        def run(progress):
+        def job(progress):
             progress.stage("loading models", 0.0)
-            models = {role: state.load_role(spec, role) for role in roles}
-            ctx = RunContext(pair=spec, models=models, request=body, options=options, inputs=inputs,
-                             progress=progress, limits=state.limits)
-            result = spec_kind.run(ctx)
+            models = {role: state.load_role(run.pair, role) for role in run.roles}
+            result = run_prepared(run, models, progress)
             payload = result.model_dump(mode="json")
             return json.dumps(payload), payload.get("manifest")
 
         try:
-            state.jobs.submit(Job(id=row.id, kind=kind, run=run, timeout_s=state.settings.job_timeout_s,
-                                  model_keys=[f"{spec.source(r).describe()}|{r}" for r in roles]))
+            state.jobs.submit(Job(id=row.id, kind=kind, run=job, timeout_s=state.settings.job_timeout_s,
+                                  model_keys=[f"{run.pair.source(r).describe()}|{r}" for r in run.roles]))
         except QueueFull:
             raise ApiError(503, f"the job queue is full ({state.settings.max_queue} jobs); try again later",
                            {"Retry-After": "10"}) from None
@@ -254,15 +247,6 @@ def get_feature(
         options["n_contexts"] = n_contexts
     body = AnalysisRequest(pair=pair, roles=[role], options=options)
     return _submit(state, "feature", body, wait=True, timeout=state.settings.inline_wait_s)
-
-
-def _default_text(spec: PairSpec) -> list[str]:
-    from lnscope.analysis.eval_text import pair_eval_text
-
-    try:
-        return pair_eval_text(spec)
-    except ImportError as exc:  # pragma: no cover - a pair without an eval text source
-        raise ApiError(409, f"pair {spec.name!r} has no eval text: {exc}") from None
 
 
 # -- jobs and results -----------------------------------------------------------------------
@@ -317,7 +301,6 @@ def list_results(
 def create_app(settings: Settings | None = None, registry: PairRegistry | None = None, cache=None) -> FastAPI:
     settings = settings or Settings.from_env()
     state = ServerState(settings, registry=registry, cache=cache)
-    load_builtin_kinds()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

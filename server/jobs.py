@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from lnscope.analysis.errors import LnscopeError, ModelLoadError
 from lnscope.analysis.progress import Cancelled, Progress
@@ -41,9 +41,6 @@ class Job:
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None
-    outcome: str | None = None  # done / failed / cancelled
-    error: str | None = None
-    error_kind: str | None = None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -173,14 +170,12 @@ class JobManager:
                     self._end(job, "failed", f"{type(exc).__name__}: {exc}", "internal")
             else:
                 self.store.finish(job.id, result_json, manifest)
-                job.outcome = "done"
                 logger.info("job %s (%s) done in %.2f s", job.id, job.kind, time.perf_counter() - started)
         finally:
             for lock in reversed(locks):
                 lock.release()
 
     def _end(self, job: Job, status: str, error: str, kind: str) -> None:
-        job.outcome, job.error, job.error_kind = status, error, kind
         self.store.fail(job.id, error, kind, status=status)
 
 
@@ -193,10 +188,3 @@ def _free_device_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def model_key(source_desc: str, role: str, device: str, dtype: str) -> str:
-    return f"{role}|{source_desc}|{device}|{dtype}"
-
-
-def describe_queue(manager: JobManager) -> dict[str, Any]:
-    return {"queued": manager._queue.qsize(), "active": len(manager._jobs)}

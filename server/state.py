@@ -7,8 +7,8 @@ import threading
 
 from lnscope.analysis.device import dtype_name, resolve_device, resolve_dtype
 from lnscope.analysis.errors import LnscopeError, ModelLoadError
-from lnscope.analysis.kinds import Limits
-from lnscope.analysis.loading import ModelCache, model_cache
+from lnscope.analysis.kinds.base import Limits
+from lnscope.analysis.loading import ModelCache, model_cache, pair_tokenizer
 from lnscope.analysis.pairs import ModelSource, PairRegistry, PairSpec
 
 from lnscope.server.jobs import JobManager
@@ -39,7 +39,6 @@ class ServerState:
         self._errors: dict[tuple[str, str], str] = {}
         self._loading: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
-        self._tokenizers: dict[str, tuple[object, int]] = {}
 
     @property
     def dtype_name(self) -> str:
@@ -111,21 +110,4 @@ class ServerState:
 
     def tokenizer(self, pair: PairSpec) -> tuple[object, int]:
         """The pair's tokenizer and context length, read from the original's files (no weights)."""
-        with self._lock:
-            if pair.name in self._tokenizers:
-                return self._tokenizers[pair.name]
-        from transformers import AutoConfig, AutoTokenizer
-
-        from lnscope.analysis.loading import _fetch_config
-
-        source = pair.original
-        _fetch_config(source, "original")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, revision=source.revision)
-            config = AutoConfig.from_pretrained(source.location, revision=source.revision)
-        except OSError as exc:
-            raise ModelLoadError(f"cannot load the tokenizer of pair {pair.name!r}: {exc}") from exc
-        n_ctx = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
-        with self._lock:
-            self._tokenizers[pair.name] = (tokenizer, n_ctx)
-        return tokenizer, n_ctx
+        return pair_tokenizer(pair)

@@ -1,11 +1,11 @@
 """An lnscope app with the test `probe` kind, for tests that run a real uvicorn process."""
 
+from lnscope.analysis.kinds import KINDS
 from lnscope.server.app import create_app
-from lnscope.analysis.kinds import KINDS, Kind
-from tests.probe_kind import ProbeOptions, run_probe
+from tests.probe_kind import PROBE
 
 
 def app_factory():
     app = create_app()
-    KINDS["probe"] = Kind("probe", "test kind", "prompts_or_task", ProbeOptions, run_probe)
+    KINDS["probe"] = PROBE
     return app

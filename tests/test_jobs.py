@@ -13,16 +13,16 @@ from fastapi.testclient import TestClient
 from lnscope.analysis.loading import ModelCache
 from lnscope.analysis.pairs import PairRegistry
 from lnscope.server.app import create_app
-from lnscope.analysis.kinds import KINDS, Kind
+from lnscope.analysis.kinds import KINDS
 from lnscope.server.settings import Settings
 from lnscope.server.storage import Store
 
-from tests.probe_kind import GATE, MAX_CONCURRENT, RUNNING, ProbeOptions, run_probe
+from tests.probe_kind import GATE, MAX_CONCURRENT, PROBE, RUNNING
 
 
 @pytest.fixture
 def probe_kind(monkeypatch):
-    monkeypatch.setitem(KINDS, "probe", Kind("probe", "test kind", "prompts_or_task", ProbeOptions, run_probe))
+    monkeypatch.setitem(KINDS, "probe", PROBE)
     GATE.clear()
     RUNNING.clear()
     MAX_CONCURRENT[0] = 0
@@ -54,14 +54,14 @@ def body(tag="", **options):
     return {"pair": "local", "prompts": ["When Mary and John went to the store"], "options": {"tag": tag, **options}}
 
 
-def wait_status(client, job_id, statuses, timeout=30, stage_prefix=""):
+def wait_status(client, job_id, statuses, timeout=30, stage=""):
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = client.get(f"/api/v1/jobs/{job_id}").json()
-        if info["status"] in statuses and info["stage"].startswith(stage_prefix):
+        if info["status"] in statuses and stage in info["stage"]:
             return info
         time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never reached {statuses} {stage_prefix}: {info}")
+    raise AssertionError(f"job {job_id} never reached {statuses} {stage}: {info}")
 
 
 def test_inline_request_returns_the_result_with_its_inputs(probe_kind, config):
@@ -91,7 +91,7 @@ def test_job_progress_then_cancel_at_a_stage_boundary(probe_kind, config):
         r = client.post("/api/v1/analyses/probe", json=body("c", block=True, stages=5))
         assert r.status_code == 202
         job = r.json()
-        running = wait_status(client, job["id"], {"running"}, stage_prefix="probe stage")
+        running = wait_status(client, job["id"], {"running"}, stage="probe stage")
         assert 0 <= running["progress"] < 1
         cancel = client.delete(f"/api/v1/jobs/{job['id']}")
         assert cancel.status_code == 200
@@ -134,10 +134,10 @@ def test_jobs_on_one_model_never_interleave_but_other_pairs_run_alongside(probe_
     with make_client(config, workers=3) as client:
         a = client.post("/api/v1/analyses/probe", json=body("a1", block=True)).json()
         b = client.post("/api/v1/analyses/probe", json=body("a2", block=True)).json()
-        wait_status(client, a["id"], {"running"}, stage_prefix="probe stage")
+        wait_status(client, a["id"], {"running"}, stage="probe stage")
         other = {**body("b1", block=True), "pair": "other", "roles": ["original"]}
         c = client.post("/api/v1/analyses/probe", json=other).json()
-        wait_status(client, c["id"], {"running"}, stage_prefix="probe stage")
+        wait_status(client, c["id"], {"running"}, stage="probe stage")
         time.sleep(0.2)
         assert client.get(f"/api/v1/jobs/{b['id']}").json()["status"] == "queued"  # waits for a's models
         GATE.set()

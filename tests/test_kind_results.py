@@ -2,7 +2,9 @@
 
 tests/fixtures/kind_results.json holds one small request per kind on the shipped tiny trio and the
 result the API gave (tests/fixtures/make_kind_results.py wrote it). Manifests and wall-clock times
-are left out of the comparison: they say how a result was made, not what it is.
+are left out of the comparison: they say how a result was made, not what it is. The patching results'
+`kind` field was renamed in the fixture to the API's kind names (attribution_patching ->
+attribution-patching, activation_patching -> activation-patching, task_set_fidelity -> patching-fidelity).
 """
 
 import json

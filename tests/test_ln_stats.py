@@ -9,18 +9,21 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from lnscope.analysis.checks import CHECK_PROMPTS, tokenize_prompts
+from lnscope.analysis.kinds import KINDS, Inputs
+from lnscope.analysis.kinds.ln_stats import LNStatsOptions
 from lnscope.analysis.ln_stats import (
     LNStatsResult,
     LossResult,
+    ce_table,
     frozen_ln_constants,
     ln_stats,
-    ln_stats_trio,
     loss,
-    loss_trio,
     text_sequences,
 )
 from lnscope.analysis.loading import load_model
 from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.pipeline import run_units
+from lnscope.analysis.results import PAPER_ORDER, make_manifest
 from tests.checkpoints import TEXT
 
 CONTEXT = 16
@@ -43,12 +46,13 @@ def batch(models):
 @pytest.fixture(scope="module")
 def stats(models, batch):
     tokens, _ = batch
-    return ln_stats_trio(models, tokens, pair="test", batch_size=3)
+    return run_units(KINDS["ln-stats"], models, Inputs(extra={"tokens": tokens, "lengths": None}), LNStatsOptions())
 
 
 @pytest.fixture(scope="module")
 def losses(models):
-    return loss_trio(models, TEXT, pair="test", context=CONTEXT, batch_size=8, n_bootstrap=500)
+    per_role = {role: loss(models[role], TEXT, context=CONTEXT, batch_size=8, n_bootstrap=500) for role in PAPER_ORDER}
+    return LossResult(manifest=make_manifest("loss", models), roles=per_role, table=ce_table(per_role))
 
 
 @torch.no_grad()
@@ -178,10 +182,11 @@ def test_ce_table_and_bootstrap_reproducibility(models, losses):
 def test_json_round_trips(stats, losses):
     assert LNStatsResult.model_validate_json(stats.model_dump_json()) == stats
     assert LossResult.model_validate_json(losses.model_dump_json()) == losses
-    assert stats.manifest.kind == "ln_stats" and losses.manifest.kind == "loss"
+    assert stats.manifest.kind == "ln-stats" and list(stats.roles) == list(PAPER_ORDER)
+    assert set(stats.manifest.roles) == set(PAPER_ORDER)
 
 
 def test_per_prompt_can_be_left_out(models, batch):
     tokens, lengths = batch
-    res = ln_stats(models["control"], tokens[:2], lengths=lengths[:2], per_prompt=False)
+    res = ln_stats(models["control"], tokens[:2], lengths=lengths[:2], per_prompt=False, batch_size=1)
     assert res.ln1_scale is None and res.resid_norm is None and res.ln1_scale_mean is not None

@@ -7,17 +7,16 @@ import json
 from pathlib import Path
 
 from lnscope.analysis.errors import ConfigError
-from lnscope.analysis.eval_text import pair_eval_text, split_documents
-from lnscope.analysis.inputs import prepare_inputs
-from lnscope.analysis.kinds import KINDS, Limits, RunContext, load_builtin_kinds
-from lnscope.analysis.loading import model_cache
+from lnscope.analysis.eval_text import split_documents
+from lnscope.analysis.kinds import KINDS, Limits
+from lnscope.analysis.loading import model_cache, pair_tokenizer
 from lnscope.analysis.pairs import PairRegistry
+from lnscope.analysis.pipeline import prepare_run, run_prepared
 from lnscope.analysis.progress import Progress
 from lnscope.analysis.requests import AnalysisRequest
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    load_builtin_kinds()
     p = subparsers.add_parser(
         "analyze", help="run an analysis (dla, patching, confidence-neurons, ln-stats, loss, ...) on a pair",
         description="Run one analysis kind on a pair's roles and print its result. Inputs: --prompt (repeatable), "
@@ -43,42 +42,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _request(args: argparse.Namespace, pair: str) -> AnalysisRequest:
+    """The API request the command line describes."""
     from pydantic import ValidationError
 
-    kind = KINDS[args.kind]
-    pair = PairRegistry.load().get(args.pair)
+    if args.task and args.custom_pairs:
+        raise ConfigError("give --task or --custom-pairs, not both")
+    task = None
+    if args.task:
+        task = {"name": args.task, "n_prompts": args.n_prompts, "seed": args.seed, "split": args.split}
+    elif args.custom_pairs:
+        task = {"name": "custom", "pairs": json.loads(args.custom_pairs.read_text())}
     try:
-        options = kind.options.model_validate(json.loads(args.options))
-        if args.task and args.custom_pairs:
-            raise ConfigError("give --task or --custom-pairs, not both")
-        task = None
-        if args.task:
-            task = {"name": args.task, "n_prompts": args.n_prompts, "seed": args.seed, "split": args.split}
-        elif args.custom_pairs:
-            task = {"name": "custom", "pairs": json.loads(args.custom_pairs.read_text())}
-        request = AnalysisRequest(
-            pair=pair.name, roles=args.roles, prompts=args.prompts, seed=args.seed, task=task,
+        return AnalysisRequest(
+            pair=pair, roles=args.roles, prompts=args.prompts, seed=args.seed, task=task,
+            options=json.loads(args.options),
             text=split_documents(args.text_file.read_text()) if args.text_file else None,
         )
     except (ValidationError, json.JSONDecodeError) as exc:
         raise ConfigError(f"invalid options or inputs: {exc}") from None
-    roles = request.roles or kind.default_roles_for(pair)
-    kind.check_role_count(roles)
-    if kind.resources is not None:
-        kind.resources(pair, roles)
-    models = model_cache.load_pair(pair, roles, device=args.device, dtype=args.dtype)
-    tokenizer = models[roles[0]].tokenizer
-    n_ctx = models[roles[0]].bridge.cfg.n_ctx
-    limits = Limits(max_prompts=args.max_prompts, max_prompt_tokens=n_ctx)
-    inputs = prepare_inputs(kind, request, tokenizer, n_ctx, limits, default_text=pair_eval_text(pair))
-    if kind.prepare is not None:
-        inputs.extra = kind.prepare(options, inputs, tokenizer)
-    ctx = RunContext(pair=pair, models=models, request=request, options=options, inputs=inputs,
-                     progress=Progress(), limits=limits)
-    result = kind.run(ctx)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    pair = PairRegistry.load().get(args.pair)
+    request = _request(args, pair.name)
+    _, n_ctx = pair_tokenizer(pair)
+    try:
+        prepared = prepare_run(args.kind, request, pair, Limits(max_prompts=args.max_prompts, max_prompt_tokens=n_ctx))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid options: {exc}") from None
+    models = model_cache.load_pair(pair, prepared.roles, device=args.device, dtype=args.dtype)
+    result = run_prepared(prepared, models, Progress())
     text = result.model_dump_json(indent=2)
     if args.out:
         args.out.write_text(text)
-    print(text if args.json else kind.summarize(result) if kind.summarize else text)
+    print(text if args.json or prepared.kind.summarize is None else prepared.kind.summarize(result))
     return 0

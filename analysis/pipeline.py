@@ -1,0 +1,123 @@
+"""One request pipeline for the REST API and `lnscope analyze`: request -> prepared run -> units -> combine.
+
+`prepare_run` validates a request against its kind and the pair, and tokenizes its inputs with the
+pair's tokenizer, before any model loads. `run_units` runs the kind's per-role unit on each model (the
+lead role first when the kind shares what it chose) and combines the partial results under one
+manifest. `analyze` does both for a notebook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pydantic import BaseModel
+
+from lnscope.analysis.errors import UnknownRoleError
+from lnscope.analysis.eval_text import pair_eval_text
+from lnscope.analysis.inputs import prepare_inputs
+from lnscope.analysis.kinds import KINDS
+from lnscope.analysis.kinds.base import CombineContext, Inputs, Kind, KindOptions, Limits, RequestError, UnitContext
+from lnscope.analysis.loading import LoadedModel, model_cache, pair_tokenizer
+from lnscope.analysis.pairs import PairRegistry, PairSpec
+from lnscope.analysis.progress import Progress, ensure
+from lnscope.analysis.requests import AnalysisRequest
+from lnscope.analysis.results import make_manifest
+
+
+@dataclass
+class PreparedRun:
+    """A validated request: its kind, pair, roles, typed options and tokenized inputs."""
+
+    kind: Kind
+    pair: PairSpec
+    request: AnalysisRequest
+    roles: list[str]
+    options: KindOptions
+    inputs: Inputs
+    resources: dict[str, Any]  # fingerprints of what the kind reads beyond the models (e.g. transcoders)
+
+    def stored_inputs(self) -> dict[str, Any]:
+        """The request as stored with its result: roles and options resolved to what runs."""
+        return {**self.request.model_dump(mode="json"), "roles": self.roles,
+                "options": self.options.model_dump(mode="json")}
+
+
+def get_kind(name: str) -> Kind:
+    """The kind called `name`, or a RequestError listing the kinds."""
+    if name not in KINDS:
+        raise RequestError(["path", "kind"], f"unknown analysis kind {name!r}; kinds: {', '.join(sorted(KINDS))}")
+    return KINDS[name]
+
+
+def resolve_roles(kind: Kind, request: AnalysisRequest, pair: PairSpec) -> list[str]:
+    """The roles to run: the request's (each one the pair has), else the kind's defaults for the pair."""
+    roles = list(request.roles or kind.default_roles_for(pair))
+    for i, role in enumerate(roles):
+        if role not in pair.roles():
+            raise UnknownRoleError(f"roles[{i}]: pair {pair.name!r} has no role {role!r}; "
+                                   f"its roles are {sorted(pair.roles())}")
+    kind.check_role_count(roles)
+    return roles
+
+
+def prepare_run(kind_name: str, request: AnalysisRequest, pair: PairSpec, limits: Limits) -> PreparedRun:
+    """Validate `request` for `kind_name` on `pair` and prepare its inputs; no model is loaded.
+
+    Raises pydantic's ValidationError for bad options (locations inside `options`), RequestError
+    (-> 422) naming the field for bad inputs, UnknownRoleError for a role the pair lacks.
+    """
+    kind = get_kind(kind_name)
+    options = kind.options.model_validate(request.options)
+    roles = resolve_roles(kind, request, pair)
+    resources = kind.resources(pair, roles) if kind.resources is not None else {}
+    tokenizer, n_ctx = pair_tokenizer(pair)
+    inputs = prepare_inputs(kind, request, tokenizer, n_ctx, limits, default_text=lambda: pair_eval_text(pair))
+    if kind.prepare is not None:
+        inputs.extra = kind.prepare(options, inputs, tokenizer, limits, n_ctx)
+    return PreparedRun(kind=kind, pair=pair, request=request, roles=roles, options=options, inputs=inputs,
+                       resources=resources)
+
+
+def run_units(kind: Kind, models: Mapping[str, LoadedModel], inputs: Inputs, options: KindOptions, *,
+              pair: PairSpec | None = None, seed: int = 0, progress: Progress | None = None) -> BaseModel:
+    """The kind's unit on every model (each in its share of `progress`), then its combine step.
+
+    Units run in the result's role order; when the kind `shares`, the lead role runs first and what
+    it chose reaches the others. `pair` names the models' pair (kinds that read transcoders need it).
+    """
+    progress = ensure(progress)
+    roles = kind.in_result_order(list(models))
+    lead = kind.lead_role(roles)
+    run_order = [lead] + [r for r in roles if r != lead] if kind.shares is not None else roles
+    partials: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    for i, role in enumerate(run_order):
+        span = progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles))
+        partials[role] = kind.unit(UnitContext(model=models[role], inputs=inputs, options=options, seed=seed,
+                                               pair=pair, progress=span, shared=shared))
+        if kind.shares is not None and role == lead:
+            shared = kind.shares(partials[role])
+    ordered_models = {role: models[role] for role in roles}
+    manifest = make_manifest(kind.name, ordered_models, pair=None if pair is None else pair.name, seed=seed,
+                             options=options.model_dump(mode="json"))
+    context = CombineContext(pair=pair, options=options, inputs=inputs, seed=seed, manifest=manifest, lead=lead)
+    return kind.combine({role: partials[role] for role in roles}, context)
+
+
+def run_prepared(run: PreparedRun, models: Mapping[str, LoadedModel], progress: Progress | None = None) -> BaseModel:
+    """`run_units` for a prepared request, on its roles' models."""
+    return run_units(run.kind, {role: models[role] for role in run.roles}, run.inputs, run.options, pair=run.pair,
+                     seed=run.request.seed, progress=progress)
+
+
+def analyze(kind: str, pair: str | PairSpec = "tiny", *, device: str | None = None, dtype: str | None = None,
+            limits: Limits | None = None, progress: Progress | None = None, **request: Any) -> BaseModel:
+    """Run one analysis kind in this process, e.g. `analyze("dla", "tiny", task={"name": "ioi"})`.
+
+    `request` takes the fields of an API request (roles, prompts, task, text, options, seed).
+    """
+    spec = pair if isinstance(pair, PairSpec) else PairRegistry.load().get(pair)
+    run = prepare_run(kind, AnalysisRequest(pair=spec.name, **request), spec, limits or Limits())
+    models = model_cache.load_pair(spec, run.roles, device=device, dtype=dtype)
+    return run_prepared(run, models, progress)
