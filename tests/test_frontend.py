@@ -42,6 +42,8 @@ CUSTOM_TASK = {"name": "custom", "pairs": [
      "corrupt": "When John and Mary went to the store, John gave a drink to", "correct": " John", "wrong": " Mary"},
 ]}
 
+SERVER_DATA: dict[str, Path] = {}  # the running server's data dir, for tests that store results directly
+
 assert Path(CHROMIUM).exists(), f"no chromium at {CHROMIUM}: `make test` installs Debian's chromium (or set LNSCOPE_CHROMIUM)"
 
 
@@ -58,6 +60,7 @@ def server(trio_dirs, tmp_path_factory):
         + transcoders_toml(transcoders))
     env = {**os.environ, "LNSCOPE_CONFIG": str(config), "LNSCOPE_DATA_DIR": str(tmp / "data"), "LNSCOPE_DEVICE": "cpu",
            "LNSCOPE_PRELOAD": "true", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    SERVER_DATA["dir"] = tmp / "data"
     port = free_port()
     # tests.probe_app adds the test-only `probe` kind (stages, sleeps): the progress bar test uses it.
     proc = subprocess.Popen(
@@ -419,6 +422,25 @@ def test_circuit_diff_from_home_node_click_feature_page_and_permalink(page, serv
     page.reload()  # the permalink reopens the stored page
     page.wait_for_selector("#feature-page #feature-histogram .main-svg")
     assert page.locator("#feature-page .logit-list.down li").count() == 10
+
+
+def test_results_stored_before_the_restructuring_still_open(page, server, shots):
+    """Each kind's fixture result, stored as the server stored results before (the manifest inside the
+    result JSON and copied to the row), opens in its view."""
+    from lnscope.server.storage import Store, database_url
+
+    store = Store(database_url(SERVER_DATA["dir"]))
+    for i, row in enumerate(json.loads((ROOT / "tests" / "fixtures" / "kind_results.json").read_text())):
+        stored = store.create(kind=row["kind"], pair="tiny", inputs={"pair": "tiny", **row["request"]},
+                              req_hash=f"stored-before-{i}", manifest=None)
+        store.finish(stored.id, json.dumps(row["result"]), row["result"]["manifest"])
+        open_view(page, server, f"/{row['kind']}/{stored.id}")
+        assert page.locator(".view .card").count() >= 2, row["kind"]
+        assert page.locator(".view details.manifest").count() == 1, row["kind"]
+        if row["kind"] not in ("loss",):
+            page.wait_for_selector(".view .js-plotly-plot, .view svg")
+        shot(page, shots, f"stored-before-{i}-{row['kind']}")
+    assert page.errors == []
 
 
 def test_no_request_left_the_server_and_no_script_errors(page, foreign):
