@@ -317,7 +317,8 @@ def _token_batches(tokens, lengths, batch_size: int, n_ctx: int) -> list[tuple[t
         if toks.ndim != 2:
             raise ConfidenceNeuronsError(f"token batch {i} has shape {tuple(toks.shape)}; expected [batch, pos]")
         if toks.shape[1] > n_ctx:
-            raise ConfidenceNeuronsError(f"token batch {i} has {toks.shape[1]} positions; the model's context is {n_ctx}")
+            raise ConfidenceNeuronsError(
+                f"token batch {i} has {toks.shape[1]} positions; the model's context is {n_ctx}")
         lens = (torch.as_tensor(lengths[i]).long().reshape(-1) if lengths is not None
                 else torch.full((toks.shape[0],), toks.shape[1], dtype=torch.long))
         if lens.shape[0] != toks.shape[0] or bool((lens > toks.shape[1]).any()) or bool((lens < 1).any()):
@@ -401,6 +402,137 @@ class _BatchEffects:
     logit_abs_max: float
 
 
+@dataclass
+class _Ablation:
+    """What every batch's ablation reads: the candidates' weights in the working dtype and the logit block sizes."""
+
+    post: str  # the layer's hook_post
+    neurons: list[int]  # [n] candidate indices in the layer
+    idx: torch.Tensor  # [n] the same, a long tensor on the model's device
+    mean: torch.Tensor  # [n] float64: each candidate's mean activation, its ablated value
+    w_u: torch.Tensor  # [d_model, V]
+    b_u: torch.Tensor  # [V]
+    w_out: torch.Tensor  # [n, d_model]: W_out[n]
+    cw: torch.Tensor  # [n, d_model]: C W_out[n]
+    cw_u: torch.Tensor | None  # [n, V]: C W_out[n] @ W_U, when it fits (else computed per neuron block)
+    dtype: torch.dtype  # the working dtype
+    nb: int  # neurons per block of logits
+    tb: int  # tokens per block of logits
+
+
+def _ablation(model: LoadedModel, layer: int, neurons: list[int], means: torch.Tensor, *, propagate: bool,
+              chunk_rows: int) -> _Ablation:
+    """The weights of `layer`'s candidate `neurons`; a block holds about chunk_rows (neuron, token) rows of logits."""
+    bridge, dev = model.bridge, model.device
+    wd = _work_dtype(model.dtype)
+    w_u = bridge.W_U.detach().to(wd)  # [d_model, V]
+    idx = torch.tensor(neurons, dtype=torch.long, device=dev)
+    w_out = bridge.blocks[layer].mlp.W_out.detach()[idx].to(wd)  # [n, d_model]
+    cw, _ = _final_norm(model, w_out, wd)  # C W_out[n]: [n, d_model]
+    n = len(neurons)
+    nb = 1 if propagate else max(1, min(n, chunk_rows))
+    return _Ablation(
+        post=f"blocks.{layer}.mlp.hook_post", neurons=neurons, idx=idx, mean=means.to(dev)[idx], w_u=w_u,
+        b_u=bridge.b_U.detach().to(wd), w_out=w_out, cw=cw,
+        cw_u=cw @ w_u if not propagate and n * w_u.shape[1] <= (1 << 26) else None,
+        dtype=wd, nb=nb, tb=max(1, chunk_rows // nb),
+    )
+
+
+class _EffectTables:
+    """One batch's clean CE / entropy [t] and ablated - clean tables [n, t], filled a block of logits at a time."""
+
+    def __init__(self, ab: _Ablation, targets: torch.Tensor, s0: torch.Tensor) -> None:
+        n, t, dev = len(ab.neurons), targets.shape[0], targets.device
+        self.ab, self.targets, self.s0 = ab, targets, s0  # targets [t] next tokens, s0 [t, 1] the clean scale
+        self.out = {key: torch.empty(n, t, dtype=torch.float64, device=dev)
+                    for key in ("dloss_total", "dloss_direct", "dentropy_total", "dentropy_direct")}
+        self.loss0 = torch.empty(t, dtype=torch.float64, device=dev)
+        self.ent0 = torch.empty(t, dtype=torch.float64, device=dev)
+        self.err, self.ref_max = 0.0, 0.0
+
+    def clean(self, sl: slice, a: torch.Tensor, ref_logits: torch.Tensor) -> None:
+        """Tokens sl of the clean run, a = C r @ W_U [tb, V]; checks a / s + b_U against the model's logits [tb, V]."""
+        l0, e0 = _loss_entropy(a[None], self.s0[sl][None], self.ab.b_u, self.targets[sl])
+        self.loss0[sl], self.ent0[sl] = l0[0].double(), e0[0].double()
+        self.err = max(self.err, float((a / self.s0[sl] + self.ab.b_u - ref_logits).abs().max()))
+        self.ref_max = max(self.ref_max, float(ref_logits.abs().max()))
+
+    def record(self, ns: slice, sl: slice, num: torch.Tensor, s_total: torch.Tensor) -> None:
+        """Neurons ns, tokens sl: num = C r' @ W_U [nb, tb, V]; total divides by s(r') [nb, tb, 1], direct by the
+        clean s."""
+        lt, et = _loss_entropy(num, s_total, self.ab.b_u, self.targets[sl])
+        ld, ed = _loss_entropy(num, self.s0[sl][None], self.ab.b_u, self.targets[sl])
+        self.out["dloss_total"][ns, sl] = lt.double() - self.loss0[sl]
+        self.out["dentropy_total"][ns, sl] = et.double() - self.ent0[sl]
+        self.out["dloss_direct"][ns, sl] = ld.double() - self.loss0[sl]
+        self.out["dentropy_direct"][ns, sl] = ed.double() - self.ent0[sl]
+
+    def result(self) -> _BatchEffects:
+        return _BatchEffects(self.loss0, self.ent0, logit_abs_err=self.err, logit_abs_max=self.ref_max, **self.out)
+
+
+def _direct_to_final_residual(model: LoadedModel, ab: _Ablation, tables: _EffectTables, sl: slice, a: torch.Tensor,
+                              resid: torch.Tensor, delta: torch.Tensor) -> None:
+    """Tokens sl, r' = r + delta_n W_out[n]: C r' @ W_U = a + delta_n (C W_out[n] @ W_U), s(r') from ln_final.
+
+    a [tb, V] the clean C r @ W_U, resid [t, d_model] the clean r, delta [n, t] the ablation's change."""
+    n, nb, wd = len(ab.neurons), ab.nb, ab.dtype
+    for n0 in range(0, n, nb):
+        ns = slice(n0, min(n, n0 + nb))
+        d = delta[ns, sl][..., None]  # [nb, tb, 1]
+        _, s_total = _final_norm(model, resid[sl][None] + d * ab.w_out[ns][:, None, :], wd)  # [nb, tb, 1]
+        b = ab.cw_u[ns] if ab.cw_u is not None else ab.cw[ns] @ ab.w_u  # [nb, V]
+        tables.record(ns, sl, a[None] + d * b[:, None, :], s_total)
+
+
+def _propagated(model: LoadedModel, ab: _Ablation, tables: _EffectTables, toks: torch.Tensor,
+                scored: torch.Tensor) -> None:
+    """Each neuron set to its mean in a re-run of toks [b, p]: r' at ln_final's input includes every later layer."""
+    bridge, wd = model.bridge, ab.dtype
+    t = tables.targets.shape[0]
+    for j, neuron in enumerate(ab.neurons):
+        def ablate(act, hook, neuron=neuron, value=float(ab.mean[j])):
+            act = act.clone()
+            act[..., neuron] = value
+            return act
+
+        with bridge.hooks(fwd_hooks=[(ab.post, ablate)]):
+            _, c2 = bridge.run_with_cache(toks, names_filter=[RESID_HOOK])
+        cr_abl, s_abl = _final_norm(model, c2[RESID_HOOK][scored].to(wd), wd)  # [t, d], [t, 1]
+        del c2
+        for t0 in range(0, t, ab.tb):
+            sl = slice(t0, min(t, t0 + ab.tb))
+            tables.record(slice(j, j + 1), sl, (cr_abl[sl] @ ab.w_u)[None], s_abl[sl][None])
+
+
+def _batch_effects(model: LoadedModel, ab: _Ablation, toks: torch.Tensor, lens: torch.Tensor, *,
+                   propagate: bool) -> _BatchEffects:
+    """The clean run of toks [b, p] (lengths lens [b]) and every candidate's ablation, per scored token."""
+    bridge, dev, wd = model.bridge, model.device, ab.dtype
+    toks = toks.to(dev)
+    _, scored = _masks(lens, toks.shape[1])
+    scored = scored.to(dev)  # [b, p]
+    targets = torch.roll(toks, -1, dims=1)[scored]  # [t]
+    logits, cache = bridge.run_with_cache(toks, names_filter=[ab.post, RESID_HOOK])
+    ref_logits = logits[scored].to(wd)  # [t, V]
+    resid = cache[RESID_HOOK][scored].to(wd)  # [t, d_model]
+    delta = (ab.mean[:, None] - cache[ab.post][scored][:, ab.idx].double().T).to(wd)  # [n, t]
+    del logits, cache
+    t = resid.shape[0]
+    cr, s0 = _final_norm(model, resid, wd)  # [t, d_model], clean scale [t, 1]
+    tables = _EffectTables(ab, targets, s0)
+    for t0 in range(0, t, ab.tb):
+        sl = slice(t0, min(t, t0 + ab.tb))
+        a = cr[sl] @ ab.w_u  # clean C r @ W_U: [tb, V]
+        tables.clean(sl, a, ref_logits[sl])
+        if not propagate:
+            _direct_to_final_residual(model, ab, tables, sl, a, resid, delta)
+    if propagate:
+        _propagated(model, ab, tables, toks, scored)
+    return tables.result()
+
+
 def _iter_effects(model: LoadedModel, batches, layer: int, neurons: list[int], means: torch.Tensor, *,
                   propagate: bool, chunk_rows: int, progress: Progress, start: float, end: float
                   ) -> Iterator[_BatchEffects]:
@@ -410,78 +542,10 @@ def _iter_effects(model: LoadedModel, batches, layer: int, neurons: list[int], m
     a block of [neurons, tokens] logits costs one elementwise op over the vocabulary; s(r') is
     recomputed by ln_final itself. propagate: r' comes from a re-run with the neuron at its mean.
     """
-    bridge = model.bridge
-    dev = model.device
-    wd = _work_dtype(model.dtype)
-    post = f"blocks.{layer}.mlp.hook_post"
-    w_u = bridge.W_U.detach().to(wd)  # [d_model, V]
-    b_u = bridge.b_U.detach().to(wd)  # [V]
-    idx = torch.tensor(neurons, dtype=torch.long, device=dev)
-    w_out = bridge.blocks[layer].mlp.W_out.detach()[idx].to(wd)  # [n, d_model]
-    cw, _ = _final_norm(model, w_out, wd)  # C W_out[n]: [n, d_model]
-    mean_n = means.to(dev)[idx]  # [n] float64
-    n = len(neurons)
-    nb = 1 if propagate else max(1, min(n, chunk_rows))
-    tb = max(1, chunk_rows // nb)
-    cw_u = cw @ w_u if not propagate and n * w_u.shape[1] <= (1 << 26) else None  # [n, V]
+    ab = _ablation(model, layer, neurons, means, propagate=propagate, chunk_rows=chunk_rows)
     for bi, (toks, lens) in enumerate(batches):
         progress.stage("ablation", start + (end - start) * bi / len(batches))
-        toks = toks.to(dev)
-        _, scored = _masks(lens, toks.shape[1])
-        scored = scored.to(dev)
-        targets = torch.roll(toks, -1, dims=1)[scored]  # [t]
-        logits, cache = bridge.run_with_cache(toks, names_filter=[post, RESID_HOOK])
-        ref_logits = logits[scored].to(wd)  # [t, V]
-        resid = cache[RESID_HOOK][scored].to(wd)  # [t, d_model]
-        delta = (mean_n[:, None] - cache[post][scored][:, idx].double().T).to(wd)  # [n, t]
-        del logits, cache
-        t = resid.shape[0]
-        cr, s0 = _final_norm(model, resid, wd)  # [t, d_model], clean scale [t, 1]
-        out = {key: torch.empty(n, t, dtype=torch.float64, device=dev)
-               for key in ("dloss_total", "dloss_direct", "dentropy_total", "dentropy_direct")}
-        loss0 = torch.empty(t, dtype=torch.float64, device=dev)
-        ent0 = torch.empty(t, dtype=torch.float64, device=dev)
-
-        def record(ns: slice, sl: slice, num: torch.Tensor, s_total: torch.Tensor) -> None:
-            """num = C r' @ W_U [nb, tb, V]; total divides by s(r'), direct by the clean s."""
-            lt, et = _loss_entropy(num, s_total, b_u, targets[sl])
-            ld, ed = _loss_entropy(num, s0[sl][None], b_u, targets[sl])
-            out["dloss_total"][ns, sl] = lt.double() - loss0[sl]
-            out["dentropy_total"][ns, sl] = et.double() - ent0[sl]
-            out["dloss_direct"][ns, sl] = ld.double() - loss0[sl]
-            out["dentropy_direct"][ns, sl] = ed.double() - ent0[sl]
-
-        err, ref_max = 0.0, 0.0
-        for t0 in range(0, t, tb):
-            sl = slice(t0, min(t, t0 + tb))
-            a = cr[sl] @ w_u  # clean C r @ W_U: [tb, V]
-            l0, e0 = _loss_entropy(a[None], s0[sl][None], b_u, targets[sl])
-            loss0[sl], ent0[sl] = l0[0].double(), e0[0].double()
-            err = max(err, float((a / s0[sl] + b_u - ref_logits[sl]).abs().max()))
-            ref_max = max(ref_max, float(ref_logits[sl].abs().max()))
-            if propagate:
-                continue
-            for n0 in range(0, n, nb):
-                ns = slice(n0, min(n, n0 + nb))
-                d = delta[ns, sl][..., None]  # [nb, tb, 1]
-                _, s_total = _final_norm(model, resid[sl][None] + d * w_out[ns][:, None, :], wd)  # [nb, tb, 1]
-                b = cw_u[ns] if cw_u is not None else cw[ns] @ w_u  # [nb, V]
-                record(ns, sl, a[None] + d * b[:, None, :], s_total)
-        if propagate:
-            for j, neuron in enumerate(neurons):
-                def ablate(act, hook, neuron=neuron, value=float(mean_n[j])):
-                    act = act.clone()
-                    act[..., neuron] = value
-                    return act
-
-                with bridge.hooks(fwd_hooks=[(post, ablate)]):
-                    _, c2 = bridge.run_with_cache(toks, names_filter=[RESID_HOOK])
-                cr_abl, s_abl = _final_norm(model, c2[RESID_HOOK][scored].to(wd), wd)  # [t, d], [t, 1]
-                del c2
-                for t0 in range(0, t, tb):
-                    sl = slice(t0, min(t, t0 + tb))
-                    record(slice(j, j + 1), sl, (cr_abl[sl] @ w_u)[None], s_abl[sl][None])
-        yield _BatchEffects(loss0, ent0, logit_abs_err=err, logit_abs_max=ref_max, **out)
+        yield _batch_effects(model, ab, toks, lens, propagate=propagate)
 
 
 @dataclass
@@ -526,6 +590,107 @@ def _fraction(direct: float, total: float) -> float | None:
     return 1.0 - direct / total if total > 0 else None
 
 
+def resolve_candidates(ref: LoadedModel, layer: int, candidates: Sequence[int | str] | Literal["all"] | None, *,
+                       pair: str | None, top_n: int, k: int | None,
+                       weights: NeuronWeights | None = None) -> tuple[list[int], CandidateSource]:
+    """(candidate neuron indices of `layer` (resolved, >= 0), their source): the given ones, "all", or
+    `default_candidates` of the reference model (its `weights` if already computed, else computed with k)."""
+    if candidates is None:
+        return default_candidates(ref, layer, pair=pair, top_n=top_n, k=k, weights=weights)
+    if isinstance(candidates, str) and candidates == "all":
+        return list(range(ref.bridge.cfg.d_mlp)), "all"
+    return [parse_neuron(c, layer) for c in candidates], "given"
+
+
+def _check_candidates(idx: list[int], d_mlp: int) -> list[int]:
+    """The candidates without repeats, in order; each must be a neuron of the layer, and one at least."""
+    idx = list(dict.fromkeys(idx))
+    if not idx or not all(0 <= i < d_mlp for i in idx):
+        raise ConfidenceNeuronsError(f"candidate neurons must be in [0, {d_mlp}) and non-empty, got {idx[:10]}")
+    return idx
+
+
+@dataclass
+class _MeanEffects:
+    """Every candidate's effects averaged over the scored tokens, and the clean run's own numbers."""
+
+    stats: dict[str, list[float]]  # NeuronEffect field (abs_dloss_total, dloss_total, ...) -> [n]
+    n_tokens: int
+    clean_loss: float
+    clean_entropy: float
+    logit_rel_error: float  # max |C r @ W_U / s + b_U - logits| / max |logits|
+
+
+def _mean_effects(model: LoadedModel, batches, layer: int, idx: list[int], means: torch.Tensor, *,
+                  propagate: bool, chunk_rows: int, progress: Progress) -> _MeanEffects:
+    """mean_t dX(t) and mean_t |dX(t)| of X in (loss, entropy), total and direct, over every scored token t."""
+    sums = {key: torch.zeros(len(idx), dtype=torch.float64) for key in (
+        "abs_dloss_total", "abs_dloss_direct", "dloss_total", "dloss_direct",
+        "abs_dentropy_total", "abs_dentropy_direct", "dentropy_total", "dentropy_direct")}
+    n_tok, loss_sum, ent_sum, err, ref_max = 0, 0.0, 0.0, 0.0, 0.0
+    for part in _iter_effects(model, batches, layer, idx, means, propagate=propagate, chunk_rows=chunk_rows,
+                              progress=progress, start=0.3, end=1.0):
+        for name in ("loss", "entropy"):
+            for kind in ("total", "direct"):
+                values = getattr(part, f"d{name}_{kind}").cpu()  # [n, t]
+                sums[f"abs_d{name}_{kind}"] += values.abs().sum(1)
+                sums[f"d{name}_{kind}"] += values.sum(1)
+        n_tok += part.loss.numel()
+        loss_sum += float(part.loss.sum())
+        ent_sum += float(part.entropy.sum())
+        err, ref_max = max(err, part.logit_abs_err), max(ref_max, part.logit_abs_max)
+    if n_tok == 0:
+        raise ConfidenceNeuronsError("no scored tokens: every sequence needs at least two tokens")
+    return _MeanEffects(
+        stats={key: (value / n_tok).tolist() for key, value in sums.items()}, n_tokens=n_tok,
+        clean_loss=loss_sum / n_tok, clean_entropy=ent_sum / n_tok,
+        logit_rel_error=err / ref_max if ref_max > 0 else err,
+    )
+
+
+def _neuron_rows(layer: int, idx: list[int], weights: NeuronWeights, means: torch.Tensor, effects: _MeanEffects,
+                 thresholds: FlagThresholds, rho_min: float) -> list[NeuronEffect]:
+    """One unranked row per candidate: weight statistics with percentiles in the layer, the flag, mean effects."""
+    norm_pct = _percentiles(torch.tensor(weights.w_out_norm, dtype=torch.float64)).tolist()
+    lv_pct = _percentiles(torch.tensor(weights.logit_var, dtype=torch.float64)).tolist()
+    rows = []
+    for j, i in enumerate(idx):
+        stats = {key: values[j] for key, values in effects.stats.items()}
+        flag = (norm_pct[i] >= thresholds.norm_percentile_min and weights.rho[i] >= rho_min
+                and lv_pct[i] <= thresholds.logit_var_percentile_max)
+        rows.append(NeuronEffect(
+            rank=0, neuron=neuron_id(layer, i), layer=layer, index=i,
+            w_out_norm=weights.w_out_norm[i], norm_percentile=norm_pct[i], rho=weights.rho[i],
+            logit_var=weights.logit_var[i], logit_var_percentile=lv_pct[i], entropy_neuron_like=flag,
+            mean_activation=float(means[i]), **stats,
+            ln_mediated_fraction_loss=_fraction(stats["abs_dloss_direct"], stats["abs_dloss_total"]),
+            ln_mediated_fraction_entropy=_fraction(stats["abs_dentropy_direct"], stats["abs_dentropy_total"]),
+        ))
+    return rows
+
+
+def _rank(rows: list[NeuronEffect], rank_by: RankBy) -> list[NeuronEffect]:
+    """rows sorted by |dLoss_total| (ties: norm * rho) or by norm * rho (ties: index), with their ranks set."""
+    if rank_by == "total_loss":
+        rows.sort(key=lambda r: (-r.abs_dloss_total, -r.w_out_norm * r.rho, r.index))
+    elif rank_by == "norm_rho":
+        rows.sort(key=lambda r: (-r.w_out_norm * r.rho, r.index))
+    else:
+        raise ConfidenceNeuronsError(f"rank_by must be 'total_loss' or 'norm_rho', got {rank_by!r}")
+    for rank, row in enumerate(rows, 1):
+        row.rank = rank
+    return rows
+
+
+def confidence_options(*, layer: int, k: int | None, top_n: int, chunk_size: int | None, batch_size: int,
+                       propagate: bool, rank_by: RankBy, thresholds: FlagThresholds | None,
+                       candidates: Sequence[int]) -> dict[str, Any]:
+    """The options a confidence-neuron manifest records; candidates as 'L.N' ids."""
+    return {"layer": layer, "k": k, "top_n": top_n, "chunk_size": chunk_size, "batch_size": batch_size,
+            "propagate": propagate, "rank_by": rank_by, "thresholds": (thresholds or FlagThresholds()).model_dump(),
+            "candidates": [neuron_id(layer, i) for i in candidates]}
+
+
 @torch.no_grad()
 def confidence_neurons(
     model: LoadedModel,
@@ -554,98 +719,61 @@ def confidence_neurons(
     """
     progress = ensure(progress)
     thresholds = thresholds or FlagThresholds()
-    bridge, cfg = model.bridge, model.bridge.cfg
+    cfg = model.bridge.cfg
     layer = resolve_layer(model, layer)
     batches = _token_batches(tokens, lengths, batch_size, cfg.n_ctx)
 
     progress.stage("weights", 0.0)
     weights, bottom_s = weight_statistics(model, layer, k)
     k = len(bottom_s)
-    if candidates is None:
-        idx, source = default_candidates(model, layer, pair=pair, top_n=top_n, weights=weights)
-    elif isinstance(candidates, str) and candidates == "all":
-        idx, source = list(range(cfg.d_mlp)), "all"
-    else:
-        idx, source = [parse_neuron(c, layer) for c in candidates], "given"
+    idx, source = resolve_candidates(model, layer, candidates, pair=pair, top_n=top_n, k=k, weights=weights)
     source = _candidate_source or source
-    idx = list(dict.fromkeys(idx))
-    if not idx or not all(0 <= i < cfg.d_mlp for i in idx):
-        raise ConfidenceNeuronsError(f"candidate neurons must be in [0, {cfg.d_mlp}) and non-empty, got {idx[:10]}")
+    idx = _check_candidates(idx, cfg.d_mlp)
     if propagate and layer == cfg.n_layers - 1:
         logger.info("propagate=True on the last layer: same result as the direct-to-final-residual ablation")
 
     progress.stage("mean activations", 0.1)
     means, n_mean = mean_activations(model, batches, layer)
-
-    n = len(idx)
-    sums = {key: torch.zeros(n, dtype=torch.float64) for key in (
-        "abs_dloss_total", "abs_dloss_direct", "dloss_total", "dloss_direct",
-        "abs_dentropy_total", "abs_dentropy_direct", "dentropy_total", "dentropy_direct")}
-    n_tok, loss_sum, ent_sum, err, ref_max = 0, 0.0, 0.0, 0.0, 0.0
-    for part in _iter_effects(model, batches, layer, idx, means, propagate=propagate,
-                              chunk_rows=_chunk_rows(chunk_size, cfg.d_vocab),
-                              progress=progress, start=0.3, end=1.0):
-        for name in ("loss", "entropy"):
-            for kind in ("total", "direct"):
-                values = getattr(part, f"d{name}_{kind}").cpu()
-                sums[f"abs_d{name}_{kind}"] += values.abs().sum(1)
-                sums[f"d{name}_{kind}"] += values.sum(1)
-        n_tok += part.loss.numel()
-        loss_sum += float(part.loss.sum())
-        ent_sum += float(part.entropy.sum())
-        err, ref_max = max(err, part.logit_abs_err), max(ref_max, part.logit_abs_max)
-    if n_tok == 0:
-        raise ConfidenceNeuronsError("no scored tokens: every sequence needs at least two tokens")
-    means_ = {key: (value / n_tok).tolist() for key, value in sums.items()}
-
-    norm = torch.tensor(weights.w_out_norm, dtype=torch.float64)
-    norm_pct = _percentiles(norm).tolist()
-    lv_pct = _percentiles(torch.tensor(weights.logit_var, dtype=torch.float64)).tolist()
-    rho_min = thresholds.rho_min_factor * math.sqrt(k / cfg.d_model)
-    rows = []
-    for j, i in enumerate(idx):
-        stats = {key: means_[key][j] for key in means_}
-        flag = (norm_pct[i] >= thresholds.norm_percentile_min and weights.rho[i] >= rho_min
-                and lv_pct[i] <= thresholds.logit_var_percentile_max)
-        rows.append(NeuronEffect(
-            rank=0, neuron=neuron_id(layer, i), layer=layer, index=i,
-            w_out_norm=weights.w_out_norm[i], norm_percentile=norm_pct[i], rho=weights.rho[i],
-            logit_var=weights.logit_var[i], logit_var_percentile=lv_pct[i], entropy_neuron_like=flag,
-            mean_activation=float(means[i]), **stats,
-            ln_mediated_fraction_loss=_fraction(stats["abs_dloss_direct"], stats["abs_dloss_total"]),
-            ln_mediated_fraction_entropy=_fraction(stats["abs_dentropy_direct"], stats["abs_dentropy_total"]),
-        ))
-    if rank_by == "total_loss":
-        rows.sort(key=lambda r: (-r.abs_dloss_total, -r.w_out_norm * r.rho, r.index))
-    elif rank_by == "norm_rho":
-        rows.sort(key=lambda r: (-r.w_out_norm * r.rho, r.index))
-    else:
-        raise ConfidenceNeuronsError(f"rank_by must be 'total_loss' or 'norm_rho', got {rank_by!r}")
-    for rank, row in enumerate(rows, 1):
-        row.rank = rank
+    effects = _mean_effects(model, batches, layer, idx, means, propagate=propagate,
+                            chunk_rows=_chunk_rows(chunk_size, cfg.d_vocab), progress=progress)
+    rho_baseline = math.sqrt(k / cfg.d_model)
+    rows = _neuron_rows(layer, idx, weights, means, effects, thresholds, thresholds.rho_min_factor * rho_baseline)
+    rows = _rank(rows, rank_by)
     progress.stage("ablation", 1.0)
+
     result = ConfidenceModelResult(
         role=model.role, layer=layer, n_layers=cfg.n_layers, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
-        d_vocab=cfg.d_vocab, k=k, bottom_singular_values=bottom_s, rho_random_baseline=math.sqrt(k / cfg.d_model),
-        has_final_scale=SCALE_HOOK in bridge.hook_dict,
+        d_vocab=cfg.d_vocab, k=k, bottom_singular_values=bottom_s, rho_random_baseline=rho_baseline,
+        has_final_scale=SCALE_HOOK in model.bridge.hook_dict,
         method="propagate" if propagate else "direct_to_final_residual", rank_by=rank_by,
-        candidate_source=source, thresholds=thresholds, n_tokens=n_tok, n_mean_tokens=n_mean,
-        clean_loss=loss_sum / n_tok, clean_entropy=ent_sum / n_tok,
-        clean_logit_rel_error=err / ref_max if ref_max > 0 else err,
-        neurons=rows, weights=weights,
+        candidate_source=source, thresholds=thresholds, n_tokens=effects.n_tokens, n_mean_tokens=n_mean,
+        clean_loss=effects.clean_loss, clean_entropy=effects.clean_entropy,
+        clean_logit_rel_error=effects.logit_rel_error, neurons=rows, weights=weights,
     )
-    options = _options(layer, k, top_n, chunk_size, batch_size, propagate, rank_by, thresholds)
-    options["candidates"] = [neuron_id(layer, i) for i in idx]
+    options = confidence_options(layer=layer, k=k, top_n=top_n, chunk_size=chunk_size, batch_size=batch_size,
+                                 propagate=propagate, rank_by=rank_by, thresholds=thresholds, candidates=idx)
     result.manifest = make_manifest("confidence_neurons", {model.role: model}, pair=pair, options=options)
     logger.info("confidence neurons %s layer %d: %d candidates on %d tokens (%s); top %s",
-                model.role, layer, n, n_tok, result.method, rows[0].neuron)
+                model.role, layer, len(idx), effects.n_tokens, result.method, rows[0].neuron)
     return result
 
 
-def _options(layer, k, top_n, chunk_size, batch_size, propagate, rank_by, thresholds) -> dict[str, Any]:
-    return {"layer": layer, "k": k, "top_n": top_n, "chunk_size": chunk_size, "batch_size": batch_size,
-            "propagate": propagate, "rank_by": rank_by,
-            "thresholds": (thresholds or FlagThresholds()).model_dump()}
+def _role_candidate(row: NeuronEffect) -> RoleCandidate:
+    return RoleCandidate(
+        neuron=row.neuron, entropy_neuron_like=row.entropy_neuron_like, abs_dloss_total=row.abs_dloss_total,
+        abs_dloss_direct=row.abs_dloss_direct, ln_mediated_fraction_loss=row.ln_mediated_fraction_loss,
+        ln_mediated_fraction_entropy=row.ln_mediated_fraction_entropy)
+
+
+def top_candidate(roles: Mapping[str, ConfidenceModelResult], ref_role: str) -> TopCandidate:
+    """The reference role's highest-ranked entropy-neuron-like neuron (else its first row), seen in every role.
+
+    Every role must have scored that neuron (the same candidates in every role)."""
+    ref_rows = roles[ref_role].neurons
+    chosen = next((row for row in ref_rows if row.entropy_neuron_like), ref_rows[0])
+    by_role = {role: _role_candidate(next(row for row in res.neurons if row.index == chosen.index))
+               for role, res in roles.items()}
+    return TopCandidate(neuron=chosen.neuron, flagged=chosen.entropy_neuron_like, from_role=ref_role, by_role=by_role)
 
 
 def confidence_neurons_trio(
@@ -672,14 +800,8 @@ def confidence_neurons_trio(
         raise ConfidenceNeuronsError("no models given")
     pair_name = getattr(pair, "name", pair)
     ref_role = "original" if "original" in models else next(iter(models))
-    ref = models[ref_role]
-    layer_ = resolve_layer(ref, layer)
-    if candidates is None:
-        idx, source = default_candidates(ref, layer_, pair=pair_name, top_n=top_n, k=k)
-    elif isinstance(candidates, str) and candidates == "all":
-        idx, source = list(range(ref.bridge.cfg.d_mlp)), "all"
-    else:
-        idx, source = [parse_neuron(c, layer_) for c in candidates], "given"
+    layer_ = resolve_layer(models[ref_role], layer)
+    idx, source = resolve_candidates(models[ref_role], layer_, candidates, pair=pair_name, top_n=top_n, k=k)
     roles: dict[str, ConfidenceModelResult] = {}
     n_roles = len(models)
     for r, (role, model) in enumerate(models.items()):
@@ -690,18 +812,9 @@ def confidence_neurons_trio(
             batch_size=batch_size, lengths=lengths, propagate=propagate, rank_by=rank_by,
             thresholds=thresholds, pair=pair_name, progress=sub, _candidate_source=source)
         roles[role].manifest = None  # the trio's manifest covers every role
-    ref_rows = roles[ref_role].neurons
-    chosen = next((row for row in ref_rows if row.entropy_neuron_like), ref_rows[0])
-    by_role = {}
-    for role, res in roles.items():
-        row = next(x for x in res.neurons if x.index == chosen.index)
-        by_role[role] = RoleCandidate(
-            neuron=row.neuron, entropy_neuron_like=row.entropy_neuron_like, abs_dloss_total=row.abs_dloss_total,
-            abs_dloss_direct=row.abs_dloss_direct, ln_mediated_fraction_loss=row.ln_mediated_fraction_loss,
-            ln_mediated_fraction_entropy=row.ln_mediated_fraction_entropy)
-    top = TopCandidate(neuron=chosen.neuron, flagged=chosen.entropy_neuron_like, from_role=ref_role, by_role=by_role)
-    options = _options(layer_, k, top_n, chunk_size, batch_size, propagate, rank_by, thresholds)
-    options["candidates"] = [neuron_id(layer_, i) for i in idx]
+    top = top_candidate(roles, ref_role)
+    options = confidence_options(layer=layer_, k=k, top_n=top_n, chunk_size=chunk_size, batch_size=batch_size,
+                                 propagate=propagate, rank_by=rank_by, thresholds=thresholds, candidates=idx)
     progress.stage("done", 1.0)
     return ConfidenceResult(
         manifest=make_manifest("confidence_neurons", models, pair=pair_name, options=options),

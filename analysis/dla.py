@@ -21,6 +21,7 @@ TL compatibility mode: unembedding centred, so one logit is defined up to a per-
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -38,6 +39,7 @@ TargetKind = Literal["logit", "logit_diff", "task_metric"]
 
 # Elements of float64 scratch a vectorised direct-effect chunk may use (~128 MiB).
 _CHUNK_ELEMENTS = 1 << 24
+_SCALE_HOOK = "ln_final.hook_scale"
 
 
 # --------------------------------------------------------------------------------------- target
@@ -201,7 +203,8 @@ class DLAModelResult(BaseModel):
     treatments: dict[str, TreatmentDLA]
     errors: dict[str, DLAErrors] = Field(description="per non-DE treatment: DLA vs direct_effect")
     treatments_max_abs_diff: float | None = Field(
-        default=None, description="max |attribution difference| between any two treatments (0 up to rounding if LN-free)"
+        default=None,
+        description="max |attribution difference| between any two treatments (0 up to rounding if LN-free)",
     )
 
 
@@ -213,9 +216,24 @@ class DLAResult(BaseModel):
     )
 
 
-# ---------------------------------------------------------------------------------------- maths
+# --------------------------------------------------------------------------------------- inputs
 def _maths_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device  # no float64 on MPS
+
+
+def _check_treatments(treatments: Sequence[str]) -> list[str]:
+    """The requested treatments, deduplicated in order; every one must be in TREATMENTS."""
+    treatments = list(dict.fromkeys(treatments))
+    unknown = [t for t in treatments if t not in TREATMENTS]
+    if unknown or not treatments:
+        raise ValueError(f"unknown treatments {unknown}; choose from {list(TREATMENTS)}")
+    return treatments
+
+
+def _as_batch(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens as a long [batch, pos] tensor (one prompt [pos] becomes [1, pos])."""
+    tokens = torch.as_tensor(tokens).long()
+    return tokens[None] if tokens.ndim == 1 else tokens
 
 
 def _default_end_pos(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -231,6 +249,7 @@ def _default_end_pos(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
 
 
 def _resolve_end_pos(end_pos, target: DLATarget, tokens: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Where the target is read, [batch]: `end_pos`, else the target's, else the last real token (< 0: from the end)."""
     batch, width = tokens.shape
     if end_pos is None and target.end_pos is not None:
         end_pos = target.end_pos
@@ -247,6 +266,7 @@ def _resolve_end_pos(end_pos, target: DLATarget, tokens: torch.Tensor, tokenizer
     return out
 
 
+# ------------------------------------------------------------------------------ treatment maths
 def layer_norm_pre(x: torch.Tensor, eps: float) -> torch.Tensor:
     """The folded ln_final: (x - mean(x)) / sqrt(var(x) + eps) over the last dim (biased var)."""
     x = x - x.mean(-1, keepdim=True)
@@ -280,7 +300,10 @@ def _attributions(
     eps: float | None,
     treatments: Sequence[str],
 ) -> dict[str, torch.Tensor]:
-    """Every treatment's attributions [n_comp, batch] of components [n_comp, batch, d_model]."""
+    """Every treatment's attributions [n_comp, batch] of components [n_comp, batch, d_model].
+
+    raw: c . d;  cached_scale: (c - mean(c)) . d / s (raw without a scale);  direct_effect: `direct_effects`.
+    """
     raw = torch.einsum("nbd,bd->nb", components, direction)
     out: dict[str, torch.Tensor] = {}
     for t in treatments:
@@ -297,6 +320,20 @@ def _attributions(
     return out
 
 
+def _neuron_direct_effects(
+    post: torch.Tensor, w_out: torch.Tensor, resid: torch.Tensor, direction: torch.Tensor, eps: float | None
+) -> torch.Tensor:
+    """`direct_effects` of the neurons c_n = post[:, n] * W_out[n]: [d_mlp, batch], built a chunk at a time."""
+    d_mlp, d_model = w_out.shape
+    batch = post.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(1, batch * d_model))
+    parts = []
+    for start in range(0, d_mlp, step):
+        comps = post.T[start : start + step, :, None] * w_out[start : start + step, None, :]  # [chunk, batch, d_model]
+        parts.append(direct_effects(resid, comps, direction, eps))
+    return torch.cat(parts)
+
+
 def _neuron_attributions(
     post: torch.Tensor,
     w_out: torch.Tensor,
@@ -308,7 +345,8 @@ def _neuron_attributions(
 ) -> dict[str, torch.Tensor]:
     """One layer's neuron attributions [d_mlp, batch]; neuron n writes post[:, n] * W_out[n].
 
-    post [batch, d_mlp], w_out [d_mlp, d_model] (float64).
+    post [batch, d_mlp], w_out [d_mlp, d_model] (float64). The same treatments as `_attributions`, with the
+    projection W_out[n] . d shared by every prompt's activation.
     """
     proj = w_out @ direction.T  # [d_mlp, batch]: W_out[n] . d
     out: dict[str, torch.Tensor] = {}
@@ -322,14 +360,7 @@ def _neuron_attributions(
                 centred = (w_out - w_out.mean(-1, keepdim=True)) @ direction.T  # [d_mlp, batch]
                 out[t] = post.T * centred / scale[None]
         elif t == "direct_effect":
-            d_mlp, d_model = w_out.shape
-            batch = post.shape[0]
-            step = max(1, _CHUNK_ELEMENTS // max(1, batch * d_model))
-            parts = []
-            for start in range(0, d_mlp, step):
-                comps = post.T[start : start + step, :, None] * w_out[start : start + step, None, :]
-                parts.append(direct_effects(resid, comps, direction, eps))
-            out[t] = torch.cat(parts)
+            out[t] = _neuron_direct_effects(post, w_out, resid, direction, eps)
     return out
 
 
@@ -354,11 +385,299 @@ def bootstrap_nmae(abs_err: torch.Tensor, abs_de: torch.Tensor, *, n_bootstrap: 
     return NMAE(value=value, ci_low=lo, ci_high=hi, **kw)
 
 
+# ----------------------------------------------------------------------------------- collection
+@dataclass(frozen=True)
+class _Readout:
+    """What DLA reads of one model: the hooks cached at end_pos and the weights that turn them into components."""
+
+    bridge: Any
+    device: torch.device  # where the model runs
+    maths_device: torch.device  # where the float64 maths runs (no float64 on MPS)
+    n_layers: int
+    has_pos: bool
+    eps: float | None  # ln_final's eps; None when ln_final has no scale (LN-free: the identity)
+    hook_names: list[str]
+    resid_final: str  # the last block's hook_resid_post: x, the final residual stream
+    W_U: torch.Tensor  # [d_model, vocab] at the model's dtype: only the target columns are cast to float64
+    b_U: torch.Tensor  # [vocab]
+    W_O: torch.Tensor  # [layer, head, d_head, d_model] float64
+    b_O: torch.Tensor  # [layer, d_model] float64
+
+    def W_out(self, layer: int) -> torch.Tensor:
+        """[d_mlp, d_model] float64 (one layer at a time: all of them at once would be L x larger)."""
+        return self.bridge.blocks[layer].mlp.W_out.detach().to(self.maths_device, torch.float64)
+
+
+def _readout(model: LoadedModel, neurons: bool) -> _Readout:
+    """The hooks and weights of `model` that DLA reads (with every MLP's hook_post when `neurons`)."""
+    bridge = model.bridge
+    n_layers = bridge.cfg.n_layers
+    hooks = bridge.hook_dict
+    has_scale = _SCALE_HOOK in hooks
+    has_pos = "hook_pos_embed" in hooks
+    last = f"blocks.{n_layers - 1}.hook_resid_post"
+    names = ["hook_embed", last] + (["hook_pos_embed"] if has_pos else []) + ([_SCALE_HOOK] if has_scale else [])
+    for layer in range(n_layers):
+        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        if neurons:
+            names.append(f"blocks.{layer}.mlp.hook_post")
+    dev, f64 = _maths_device(model.device), torch.float64
+    return _Readout(
+        bridge=bridge, device=model.device, maths_device=dev, n_layers=n_layers, has_pos=has_pos,
+        eps=float(bridge.cfg.eps) if has_scale else None, hook_names=names, resid_final=last,
+        W_U=bridge.W_U.detach(), b_U=bridge.b_U.detach(),
+        W_O=torch.stack([bridge.blocks[l].attn.W_O.detach() for l in range(n_layers)]).to(dev, f64),
+        b_O=torch.stack([bridge.blocks[l].attn.b_O.detach() for l in range(n_layers)]).to(dev, f64),
+    )
+
+
+def _run_at_end(m: _Readout, toks: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(logits [b, vocab], every hook of m.hook_names [b, ...]) at end [b] of toks [b, pos], in float64."""
+    rows = torch.arange(toks.shape[0], device=m.device)
+    store: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):
+        def keep(act, hook):
+            store[name] = act[rows, end].detach().to(m.maths_device, torch.float64)  # [b, ...] at end_pos
+            return act
+
+        return keep
+
+    logits = m.bridge.run_with_hooks(toks, fwd_hooks=[(n, keeper(n)) for n in m.hook_names])
+    return logits[rows, end].detach().to(m.maths_device, torch.float64), store
+
+
+def _target_direction(m: _Readout, pos: torch.Tensor, neg: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d [b, d_model], beta [b]) in float64: d = W_U[:, a] - W_U[:, b], beta = b_U[a] - b_U[b] (no b: 0)."""
+
+    def columns(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # ([b, d_model], [b])
+        ids = ids.to(m.W_U.device)
+        return m.W_U[:, ids].T.to(m.maths_device, torch.float64), m.b_U[ids].to(m.maths_device, torch.float64)
+
+    w_pos, b_pos = columns(pos)
+    w_neg, b_neg = columns(neg) if neg is not None else (0, 0)
+    return w_pos - w_neg, b_pos - b_neg
+
+
+def _target_value(logits_end: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None) -> torch.Tensor:
+    """The actual target from the model's logits [b, vocab]: logit(a) - logit(b) (no b: logit(a)), [b]."""
+    value = logits_end.gather(1, pos[:, None])[:, 0]
+    return value - (logits_end.gather(1, neg[:, None])[:, 0] if neg is not None else 0)
+
+
+def _components(m: _Readout, store: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    """Every component's write into the final residual stream, in `_Layout.labels` order: [n_comp, b, d_model].
+
+    Head h of layer l writes z[:, h] @ W_O[l, h]; the attention bias b_O and each MLP's output are one each."""
+    parts = [store["hook_embed"][None]] + ([store["hook_pos_embed"][None]] if m.has_pos else [])
+    for layer in range(m.n_layers):
+        z = store[f"blocks.{layer}.attn.hook_z"]  # [b, head, d_head]
+        parts.append(torch.einsum("bhe,hed->hbd", z, m.W_O[layer]))  # [head, b, d_model]
+        parts.append(m.b_O[layer].expand(1, batch, -1))  # [1, b, d_model]
+        parts.append(store[f"blocks.{layer}.hook_mlp_out"][None])  # [1, b, d_model]
+    return torch.cat(parts)
+
+
+def _all_neuron_attributions(
+    m: _Readout,
+    store: dict[str, torch.Tensor],
+    resid: torch.Tensor,
+    direction: torch.Tensor,
+    scale: torch.Tensor | None,
+    treatments: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """`_neuron_attributions` of every layer, stacked layer-major on the CPU: [layer * d_mlp, b] per treatment."""
+    per_layer: dict[str, list[torch.Tensor]] = {t: [] for t in treatments}
+    for layer in range(m.n_layers):
+        post = store[f"blocks.{layer}.mlp.hook_post"]  # [b, d_mlp]
+        for t, a in _neuron_attributions(post, m.W_out(layer), resid, direction, scale, m.eps, treatments).items():
+            per_layer[t].append(a)
+    return {t: torch.cat(per_layer[t]).cpu() for t in treatments}
+
+
+@dataclass
+class _Attributions:
+    """Attributions of a batch of prompts (or of all of them), per treatment; `prompt` = b or every prompt."""
+
+    target_value: torch.Tensor  # [prompt] from the model's logits
+    bias_term: torch.Tensor  # [prompt] beta, the unembedding bias term
+    components: dict[str, torch.Tensor]  # treatment -> [n_comp, prompt]
+    neurons: dict[str, torch.Tensor] | None  # treatment -> [layer * d_mlp, prompt] (None: neurons not asked for)
+
+    @classmethod
+    def cat(cls, parts: Sequence["_Attributions"]) -> "_Attributions":
+        """The batches' attributions joined along the prompts."""
+        target_value = torch.cat([p.target_value for p in parts])  # no prompts: torch.cat raises
+        components, neurons = parts[0].components, parts[0].neurons
+        return cls(
+            target_value=target_value,
+            bias_term=torch.cat([p.bias_term for p in parts]),
+            components={t: torch.cat([p.components[t] for p in parts], dim=1) for t in components},
+            neurons=None if neurons is None else {t: torch.cat([p.neurons[t] for p in parts], dim=1) for t in neurons},
+        )
+
+
+def _batch_attributions(
+    m: _Readout,
+    toks: torch.Tensor,
+    end: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor | None,
+    treatments: Sequence[str],
+    neurons: bool,
+) -> _Attributions:
+    """One forward pass of toks [b, pos] and every treatment's attributions at end [b]."""
+    logits_end, store = _run_at_end(m, toks, end)
+    direction, bias = _target_direction(m, pos, neg)  # [b, d_model], [b]
+    resid = store[m.resid_final]  # [b, d_model]
+    scale = store[_SCALE_HOOK][:, 0] if m.eps is not None else None  # [b]
+    components = _components(m, store, toks.shape[0])  # [n_comp, b, d_model]
+    return _Attributions(
+        target_value=_target_value(logits_end, pos, neg),
+        bias_term=bias,
+        components=_attributions(components, resid, direction, scale, m.eps, treatments),
+        neurons=_all_neuron_attributions(m, store, resid, direction, scale, treatments) if neurons else None,
+    )
+
+
+def _collect(
+    m: _Readout,
+    tokens: torch.Tensor,
+    end: torch.Tensor,
+    token_ids: tuple[torch.Tensor, torch.Tensor | None],
+    treatments: Sequence[str],
+    *,
+    neurons: bool,
+    batch_size: int,
+    progress: Progress,
+) -> _Attributions:
+    """Every prompt's attributions, `batch_size` prompts per forward pass. tokens [batch, pos], end [batch]."""
+    pos_ids, neg_ids = token_ids  # [batch], [batch] | None
+    n_prompts = tokens.shape[0]
+    n_batches = (n_prompts + batch_size - 1) // batch_size
+    parts = []
+    for bi, start in enumerate(range(0, n_prompts, batch_size)):
+        progress.stage("dla: forward", bi / max(n_batches, 1))
+        sl = slice(start, start + batch_size)
+        pos = pos_ids[sl].to(m.maths_device)
+        neg = neg_ids[sl].to(m.maths_device) if neg_ids is not None else None
+        toks, end_b = tokens[sl].to(m.device), end[sl].to(m.device)
+        parts.append(_batch_attributions(m, toks, end_b, pos, neg, treatments, neurons))
+    progress.stage("dla: forward", 1.0)
+    return _Attributions.cat(parts)
+
+
+# ------------------------------------------------------------------------------------ components
+@dataclass(frozen=True)
+class _Layout:
+    """The components' order (`labels`) and where heads, attention biases and MLPs sit in it."""
+
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    has_pos: bool
+    labels: list[str]
+    heads: list[int]  # [layer * head], layer-major
+    attn_bias: list[int]  # [layer]
+    mlp: list[int]  # [layer]
+
+    @classmethod
+    def of(cls, n_layers: int, n_heads: int, d_mlp: int, has_pos: bool) -> "_Layout":
+        labels = _labels(n_layers, n_heads, has_pos)
+        return cls(
+            n_layers=n_layers, n_heads=n_heads, d_mlp=d_mlp, has_pos=has_pos, labels=labels,
+            heads=[i for i, lab in enumerate(labels) if "H" in lab and lab.startswith("L")],
+            attn_bias=[labels.index(f"L{l}b_O") for l in range(n_layers)],
+            mlp=[labels.index(f"L{l}MLP") for l in range(n_layers)],
+        )
+
+    def head_grid(self, a: torch.Tensor) -> torch.Tensor:
+        """The heads of a [n_comp, prompt] as [layer, head, prompt]."""
+        return a[self.heads].reshape(self.n_layers, self.n_heads, a.shape[1])
+
+
 def _labels(n_layers: int, n_heads: int, has_pos: bool) -> list[str]:
     labels = ["embed"] + (["pos_embed"] if has_pos else [])
     for layer in range(n_layers):
         labels += [f"L{layer}H{h}" for h in range(n_heads)] + [f"L{layer}b_O", f"L{layer}MLP"]
     return labels
+
+
+def _top_neurons(neuron_attr: torch.Tensor, k: int, d_mlp: int) -> list[TopNeuron]:
+    """The k neurons of largest |mean attribution|; neuron_attr [layer * d_mlp, prompt], layer-major."""
+    mean = neuron_attr.mean(1)  # [layer * d_mlp]
+    top = []
+    for i in mean.abs().topk(min(k, mean.numel())).indices.tolist():
+        layer, neuron = divmod(i, d_mlp)
+        top.append(TopNeuron(layer=layer, neuron=neuron, label=f"L{layer}N{neuron}",
+                             attribution=float(mean[i]), per_prompt=neuron_attr[i].tolist()))
+    return top
+
+
+def _treatment_tables(treatment: str, attrs: _Attributions, layout: _Layout, top_k_neurons: int) -> TreatmentDLA:
+    """One treatment's tables: per component, per head, per layer, top neurons, and sum_c DLA_c + beta - target."""
+    a = attrs.components[treatment]  # [n_comp, prompt]
+    mean = a.mean(1)  # [n_comp]
+    heads = layout.head_grid(a)  # [layer, head, prompt]
+    attn_bias = a[layout.attn_bias]  # [layer, prompt]
+    total = a.sum(0) + attrs.bias_term  # [prompt]
+    gap = total - attrs.target_value  # [prompt]
+    top = _top_neurons(attrs.neurons[treatment], top_k_neurons, layout.d_mlp) if top_k_neurons > 0 else []
+    return TreatmentDLA(
+        treatment=treatment,
+        mean=mean.tolist(),
+        per_prompt=a.T.tolist(),
+        heads=heads.mean(-1).tolist(),
+        heads_per_prompt=heads.permute(2, 0, 1).tolist(),
+        attn_layer_totals=(heads.sum(1) + attn_bias).mean(-1).tolist(),
+        mlp_layer_totals=a[layout.mlp].mean(1).tolist(),
+        attn_bias=attn_bias.mean(1).tolist(),
+        embed=float(mean[0]),
+        pos_embed=float(mean[1]) if layout.has_pos else None,
+        top_neurons=top,
+        bias_term=attrs.bias_term.tolist(),
+        component_sum=total.tolist(),
+        dla_sum_gap=gap.tolist(),
+        max_abs_sum_gap=float(gap.abs().max()) if a.shape[1] else 0.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------- errors
+def _treatment_errors(
+    treatment: str, a: torch.Tensor, de: torch.Tensor, layout: _Layout, *, n_bootstrap: int, seed: int
+) -> DLAErrors:
+    """|DLA - DE| of a, de [n_comp, prompt]: per component (mean over prompts), per head, and as NMAE."""
+    err, abs_de = (a - de).abs(), de.abs()  # [n_comp, prompt]
+    mean_err, mean_de = err.mean(1), abs_de.mean(1)  # [n_comp]
+    return DLAErrors(
+        treatment=treatment,
+        components=[
+            ComponentError(label=label, mean_abs_error=float(mean_err[i]), mean_abs_de=float(mean_de[i]),
+                           rel_error=float(mean_err[i] / mean_de[i]) if float(mean_de[i]) > 0 else None)
+            for i, label in enumerate(layout.labels)
+        ],
+        heads_abs_error=mean_err[layout.heads].reshape(layout.n_layers, layout.n_heads).tolist(),
+        nmae=bootstrap_nmae(err, abs_de, n_bootstrap=n_bootstrap, seed=seed, over="components"),
+        nmae_heads=bootstrap_nmae(err[layout.heads], abs_de[layout.heads], n_bootstrap=n_bootstrap, seed=seed,
+                                  over="heads"),
+    )
+
+
+def _errors(attrs: dict[str, torch.Tensor], layout: _Layout, *, n_bootstrap: int, seed: int) -> dict[str, DLAErrors]:
+    """Every other treatment against direct_effect, the ground truth (none when it was not computed)."""
+    if "direct_effect" not in attrs:
+        return {}
+    de = attrs["direct_effect"]  # [n_comp, prompt]
+    return {t: _treatment_errors(t, a, de, layout, n_bootstrap=n_bootstrap, seed=seed)
+            for t, a in attrs.items() if t != "direct_effect"}
+
+
+def _treatments_spread(attrs: dict[str, torch.Tensor]) -> float | None:
+    """max over (component, prompt) of max_t DLA_t - min_t DLA_t (None with one treatment)."""
+    if len(attrs) < 2:
+        return None
+    stacked = torch.stack(list(attrs.values()))  # [treatment, n_comp, prompt]
+    return float((stacked.max(0).values - stacked.min(0).values).abs().max()) if stacked.numel() else 0.0
 
 
 # ------------------------------------------------------------------------------------------ dla
@@ -380,184 +699,43 @@ def dla(
 
     tokens [batch, pos]. Returns every requested treatment, and when `direct_effect` is among them,
     the error of each other treatment against it (per component, and NMAE with a bootstrap CI).
+    Phases: collect (a forward pass per batch, attributions at end_pos), tables per treatment, errors vs DE.
     """
     progress = ensure(progress)
-    treatments = list(dict.fromkeys(treatments))
-    unknown = [t for t in treatments if t not in TREATMENTS]
-    if unknown or not treatments:
-        raise ValueError(f"unknown treatments {unknown}; choose from {list(TREATMENTS)}")
-    tokens = torch.as_tensor(tokens).long()
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    bridge = model.bridge
-    cfg = bridge.cfg
-    n_prompts = tokens.shape[0]
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    treatments = _check_treatments(treatments)
+    tokens = _as_batch(tokens)  # [batch, pos]
     end = _resolve_end_pos(end_pos, target, tokens, model.tokenizer)  # [batch]
-    pos_ids, neg_ids = target.token_pairs(n_prompts)  # [batch], [batch] | None
+    token_ids = target.token_pairs(tokens.shape[0])  # [batch], [batch] | None
+    cfg = model.bridge.cfg
+    readout = _readout(model, neurons=top_k_neurons > 0)
+    layout = _Layout.of(cfg.n_layers, cfg.n_heads, cfg.d_mlp, readout.has_pos)
 
-    hooks = bridge.hook_dict
-    has_scale = "ln_final.hook_scale" in hooks
-    has_pos = "hook_pos_embed" in hooks
-    eps = float(cfg.eps) if has_scale else None
-    dev = _maths_device(model.device)
-    f64 = torch.float64
-    last = f"blocks.{n_layers - 1}.hook_resid_post"
-    names = ["hook_embed", last] + (["hook_pos_embed"] if has_pos else []) + (["ln_final.hook_scale"] if has_scale else [])
-    for layer in range(n_layers):
-        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
-        if top_k_neurons > 0:
-            names.append(f"blocks.{layer}.mlp.hook_post")
-
-    W_U = bridge.W_U.detach()  # [d_model, vocab], model dtype: only the target columns are cast to float64
-    b_U = bridge.b_U.detach()  # [vocab]
-    W_O = torch.stack([bridge.blocks[l].attn.W_O.detach() for l in range(n_layers)]).to(dev, f64)  # [L, H, d_head, d]
-    b_O = torch.stack([bridge.blocks[l].attn.b_O.detach() for l in range(n_layers)]).to(dev, f64)  # [L, d]
-
-    labels = _labels(n_layers, n_heads, has_pos)
-    comp_attr: dict[str, list[torch.Tensor]] = {t: [] for t in treatments}  # [n_comp, b] per batch
-    neuron_attr: dict[str, list[torch.Tensor]] = {t: [] for t in treatments}  # [L * d_mlp, b] per batch
-    target_vals, bias_terms = [], []
-    n_batches = (n_prompts + batch_size - 1) // batch_size
-    for bi, start in enumerate(range(0, n_prompts, batch_size)):
-        progress.stage("dla: forward", bi / max(n_batches, 1))
-        sl = slice(start, start + batch_size)
-        toks, e = tokens[sl].to(model.device), end[sl].to(model.device)
-        rows = torch.arange(toks.shape[0], device=model.device)
-        store: dict[str, torch.Tensor] = {}
-
-        def keeper(name: str):
-            def keep(act, hook):
-                store[name] = act[rows, e].detach().to(dev, f64)  # [b, ...] at end_pos
-                return act
-
-            return keep
-
-        logits = bridge.run_with_hooks(toks, fwd_hooks=[(n, keeper(n)) for n in names])
-        logits_end = logits[rows, e].detach().to(dev, f64)  # [b, vocab]
-        p, n = pos_ids[sl].to(dev), (neg_ids[sl].to(dev) if neg_ids is not None else None)
-        def cols(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # ([b, d_model], [b]) in float64
-            ids = ids.to(W_U.device)
-            return W_U[:, ids].T.to(dev, f64), b_U[ids].to(dev, f64)
-
-        w_p, b_p = cols(p)
-        w_n, b_n = cols(n) if n is not None else (0, 0)
-        direction = w_p - w_n  # [b, d_model]
-        bias = b_p - b_n  # [b]
-        value = logits_end.gather(1, p[:, None])[:, 0] - (logits_end.gather(1, n[:, None])[:, 0] if n is not None else 0)
-        target_vals.append(value)
-        bias_terms.append(bias)
-
-        resid = store[last]  # [b, d_model]
-        scale = store["ln_final.hook_scale"][:, 0] if has_scale else None  # [b]
-        parts = [store["hook_embed"][None]] + ([store["hook_pos_embed"][None]] if has_pos else [])
-        b = toks.shape[0]
-        for layer in range(n_layers):
-            z = store[f"blocks.{layer}.attn.hook_z"]  # [b, H, d_head]
-            parts.append(torch.einsum("bhe,hed->hbd", z, W_O[layer]))  # [H, b, d_model]
-            parts.append(b_O[layer].expand(1, b, -1))
-            parts.append(store[f"blocks.{layer}.hook_mlp_out"][None])
-        components = torch.cat(parts)  # [n_comp, b, d_model]
-        for t, a in _attributions(components, resid, direction, scale, eps, treatments).items():
-            comp_attr[t].append(a)
-        if top_k_neurons > 0:
-            per_layer: dict[str, list[torch.Tensor]] = {t: [] for t in treatments}
-            for layer in range(n_layers):
-                w_out = bridge.blocks[layer].mlp.W_out.detach().to(dev, f64)  # [d_mlp, d_model]
-                post = store[f"blocks.{layer}.mlp.hook_post"]  # [b, d_mlp]
-                for t, a in _neuron_attributions(post, w_out, resid, direction, scale, eps, treatments).items():
-                    per_layer[t].append(a)
-            for t in treatments:
-                neuron_attr[t].append(torch.cat(per_layer[t]).cpu())  # [L * d_mlp, b]
-    progress.stage("dla: forward", 1.0)
-
-    target_value = torch.cat(target_vals)  # [prompt]
-    bias_term = torch.cat(bias_terms)  # [prompt]
-    attrs = {t: torch.cat(comp_attr[t], dim=1) for t in treatments}  # [n_comp, prompt]
-    head_idx = [i for i, lab in enumerate(labels) if "H" in lab and lab.startswith("L")]
-    bo_idx = [labels.index(f"L{l}b_O") for l in range(n_layers)]
-    mlp_idx = [labels.index(f"L{l}MLP") for l in range(n_layers)]
-    d_mlp = cfg.d_mlp
-
-    results: dict[str, TreatmentDLA] = {}
-    for t in treatments:
-        a = attrs[t]  # [n_comp, prompt]
-        mean = a.mean(1)
-        heads = a[head_idx].reshape(n_layers, n_heads, n_prompts)
-        total = a.sum(0) + bias_term
-        top: list[TopNeuron] = []
-        if top_k_neurons > 0:
-            na = torch.cat(neuron_attr[t], dim=1)  # [L * d_mlp, prompt]
-            nmean = na.mean(1)
-            k = min(top_k_neurons, nmean.numel())
-            for i in nmean.abs().topk(k).indices.tolist():
-                layer, neuron = divmod(i, d_mlp)
-                top.append(TopNeuron(layer=layer, neuron=neuron, label=f"L{layer}N{neuron}",
-                                     attribution=float(nmean[i]), per_prompt=na[i].tolist()))
-        gap = total - target_value
-        results[t] = TreatmentDLA(
-            treatment=t,
-            mean=mean.tolist(),
-            per_prompt=a.T.tolist(),
-            heads=heads.mean(-1).tolist(),
-            heads_per_prompt=heads.permute(2, 0, 1).tolist(),
-            attn_layer_totals=(heads.sum(1) + a[bo_idx]).mean(-1).tolist(),
-            mlp_layer_totals=a[mlp_idx].mean(1).tolist(),
-            attn_bias=a[bo_idx].mean(1).tolist(),
-            embed=float(mean[0]),
-            pos_embed=float(mean[1]) if has_pos else None,
-            top_neurons=top,
-            bias_term=bias_term.tolist(),
-            component_sum=total.tolist(),
-            dla_sum_gap=gap.tolist(),
-            max_abs_sum_gap=float(gap.abs().max()) if n_prompts else 0.0,
-        )
-
+    attrs = _collect(readout, tokens, end, token_ids, treatments, neurons=top_k_neurons > 0,
+                     batch_size=batch_size, progress=progress)
+    tables = {t: _treatment_tables(t, attrs, layout, top_k_neurons) for t in treatments}
     progress.stage("dla: errors", 0.0)
-    errors: dict[str, DLAErrors] = {}
-    if "direct_effect" in attrs:
-        de = attrs["direct_effect"]
-        for t in treatments:
-            if t == "direct_effect":
-                continue
-            err, ade = (attrs[t] - de).abs(), de.abs()  # [n_comp, prompt]
-            me, md = err.mean(1), ade.mean(1)
-            errors[t] = DLAErrors(
-                treatment=t,
-                components=[
-                    ComponentError(label=lab, mean_abs_error=float(me[i]), mean_abs_de=float(md[i]),
-                                   rel_error=float(me[i] / md[i]) if float(md[i]) > 0 else None)
-                    for i, lab in enumerate(labels)
-                ],
-                heads_abs_error=me[head_idx].reshape(n_layers, n_heads).tolist(),
-                nmae=bootstrap_nmae(err, ade, n_bootstrap=n_bootstrap, seed=seed, over="components"),
-                nmae_heads=bootstrap_nmae(err[head_idx], ade[head_idx], n_bootstrap=n_bootstrap, seed=seed, over="heads"),
-            )
-    spread = None
-    if len(treatments) > 1:
-        stacked = torch.stack([attrs[t] for t in treatments])
-        spread = float((stacked.max(0).values - stacked.min(0).values).abs().max()) if stacked.numel() else 0.0
+    errors = _errors(attrs.components, layout, n_bootstrap=n_bootstrap, seed=seed)
+    spread = _treatments_spread(attrs.components)
     progress.stage("dla: errors", 1.0)
 
     options = dict(treatments=treatments, top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap,
-                   batch_size=batch_size, n_prompts=n_prompts, n_positions=int(tokens.shape[1]))
+                   batch_size=batch_size, n_prompts=tokens.shape[0], n_positions=int(tokens.shape[1]))
     return DLAModelResult(
         manifest=make_manifest("dla", {model.role: model}, seed=seed, options=options),
         role=model.role,
-        has_ln=has_scale,
-        final_scale="cached" if has_scale else "none",
+        has_ln=readout.eps is not None,
+        final_scale="cached" if readout.eps is not None else "none",
         target=target,
-        n_prompts=n_prompts,
-        n_layers=n_layers,
-        n_heads=n_heads,
+        n_prompts=tokens.shape[0],
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
         end_pos=end.tolist(),
-        labels=labels,
-        target_value=target_value.tolist(),
-        treatments=results,
+        labels=layout.labels,
+        target_value=attrs.target_value.tolist(),
+        treatments=tables,
         errors=errors,
         treatments_max_abs_diff=spread,
     )
-
 
 
 def head_differences(per_role: Mapping[str, Any], attr: str = "heads") -> dict[str, dict[str, list[list[float]]]]:

@@ -183,7 +183,8 @@ class _SubUnembed:
         self.bias = None if linear.bias is None else linear.bias[vocab]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,235 @@ def default_chunk_size(device: torch.device | str) -> int:
     return 8 if torch.device(device).type == "cpu" else 32
 
 
+@dataclass
+class _Runs:
+    """The clean and corrupt runs every patch starts from."""
+
+    clean_cache: dict[str, torch.Tensor]  # node hooks -> [batch, *act]
+    corrupt_cache: dict[str, torch.Tensor]  # node hooks and every resid_pre -> [batch, *act]
+    corrupt_logits: torch.Tensor  # [batch, pos, vocab]
+    clean_metric: torch.Tensor  # [batch] float64
+    corrupt_metric: torch.Tensor  # [batch] float64
+
+
+def _clean_and_corrupt_runs(bridge, clean: torch.Tensor, corrupt: torch.Tensor, metric_fn: MetricFn,
+                            names: list[str], resid_names: list[str]) -> _Runs:
+    """Both runs with their caches at `names` (and, for the corrupt run, at `resid_names`) and metrics."""
+    n_prompts = clean.shape[0]
+    clean_logits, clean_cache = run_and_cache(bridge, clean, names)
+    clean_metric = evaluate_metric(metric_fn, clean_logits, n_prompts).to(torch.float64)
+    del clean_logits
+    corrupt_logits, corrupt_cache = run_and_cache(bridge, corrupt, list(dict.fromkeys(resid_names + names)))
+    corrupt_metric = evaluate_metric(metric_fn, corrupt_logits, n_prompts).to(torch.float64)
+    return _Runs(clean_cache, corrupt_cache, corrupt_logits, clean_metric, corrupt_metric)
+
+
+@dataclass(frozen=True)
+class _Shortcuts:
+    """The shortcuts this call takes (module docstring); each None / False is one not taken."""
+
+    skip_layers: bool  # later layers only
+    kv: _KVRecorder | None  # later positions only: the corrupt run's keys and values
+    reads: _Reads | None  # read logits only: the positions (and vocabulary) the metric reads
+    unembed: _SubUnembed | None  # the unembedding restricted to the read vocabulary
+    mlp_hooks: frozenset[str] | None  # node hooks inside the last block's MLP, when it runs at read positions only
+
+    def taken(self) -> list[str]:
+        on = {"later_layers": self.skip_layers, "later_positions": self.kv is not None,
+              "read_positions": self.reads is not None, "read_vocab": self.unembed is not None,
+              "last_mlp_read_only": self.mlp_hooks is not None}
+        return [name for name, taken in on.items() if taken]
+
+
+def _choose_shortcuts(bridge, metric_fn: MetricFn, runs: _Runs, names: list[str], resid_names: list[str],
+                      n_prompts: int) -> _Shortcuts:
+    """Every shortcut that reproduces the full forward on the corrupt run (`_shortcuts`, `_read_only_tail`).
+
+    resid_names: [layer] resid_pre hooks; names: the node hooks."""
+    n_layers = len(resid_names)
+    skip_layers, kv = _shortcuts(bridge, runs.corrupt_cache, runs.corrupt_logits, n_layers)
+    reads = _metric_reads(metric_fn, runs.corrupt_logits, n_prompts) if skip_layers else None
+    reads, unembed, mlp_hooks = _read_only_tail(bridge, reads, runs.corrupt_cache[resid_names[-1]],
+                                                runs.corrupt_logits, names)
+    return _Shortcuts(skip_layers, kv, reads, unembed, mlp_hooks)
+
+
+@dataclass
+class _Nodes:
+    """Every node, type-major, then layer, then flat index in the layer's grid (the result layout)."""
+
+    specs: list[NodeSpec]
+    act_shape: dict[str, tuple[int, ...]]  # node type -> one prompt's activation shape
+    grids: dict[str, tuple[int, ...]]  # node type -> the grid of its nodes in one layer
+    hook_mask_shape: dict[str, tuple[int, ...]]  # hook template -> mask shape covering every type patching it
+    table: torch.Tensor  # [n_node, 4]: type index, layer, flat grid index, first position its patch changes
+    active: torch.Tensor  # [n_active]: the nodes whose patch changes anything
+
+    def masks(self, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per hook a chunk [k, 4] of table rows patches: [k, *mask shape] bool, set in copy j at node j's elements."""
+        k = chunk.shape[0]
+        masks: dict[str, torch.Tensor] = {}
+        for ti, layer in torch.unique(chunk[:, :2], dim=0).tolist():
+            spec = self.specs[ti]
+            name = spec.hook_name(layer)
+            rows = ((chunk[:, 0] == ti) & (chunk[:, 1] == layer)).nonzero()[:, 0]
+            onehot = torch.zeros(rows.numel(), numel(self.grids[spec.name]), dtype=torch.bool)
+            onehot[torch.arange(rows.numel()), chunk[rows, 2]] = True
+            shape = self.hook_mask_shape[spec.hook]
+            node_mask = onehot.reshape(rows.numel(), *spec.mask_shape(self.act_shape[spec.name]))
+            if name not in masks:
+                masks[name] = torch.zeros(k, *shape, dtype=torch.bool)
+            masks[name][rows] |= node_mask.expand(rows.numel(), *shape)
+        return masks
+
+
+def _node_table(specs: list[NodeSpec], runs: _Runs, n_layers: int) -> _Nodes:
+    """Every node of `specs` in every layer, with whether and from which position its patch changes anything."""
+    act_shape = {s.name: tuple(runs.clean_cache[s.hook_name(0)].shape[1:]) for s in specs}
+    grids = {s.name: s.grid(act_shape[s.name]) for s in specs}
+    hook_mask_shape: dict[str, tuple[int, ...]] = {}
+    for s in specs:
+        shape = s.mask_shape(act_shape[s.name])
+        prev = hook_mask_shape.get(s.hook, shape)
+        hook_mask_shape[s.hook] = tuple(max(a, b) for a, b in zip(prev, shape))
+    table, changed = [], []
+    for ti, s in enumerate(specs):
+        idx = torch.arange(numel(grids[s.name]))
+        for layer in range(n_layers):
+            name = s.hook_name(layer)
+            node_changed, start = _changed_grid(s, runs.clean_cache[name], runs.corrupt_cache[name])
+            table.append(torch.stack([torch.full_like(idx, ti), torch.full_like(idx, layer), idx,
+                                      start.flatten().cpu()], 1))
+            changed.append(node_changed.flatten().cpu())
+    return _Nodes(specs, act_shape, grids, hook_mask_shape, table=torch.cat(table),
+                  active=torch.cat(changed).nonzero()[:, 0])
+
+
+def _run_order(nodes: _Nodes, shortcuts: _Shortcuts, chunk_size: int, n_layers: int, n_pos: int) -> torch.Tensor:
+    """The active nodes in the order they are run, chunk_size at a time (`_plan_order`)."""
+    layer_pos = nodes.table[nodes.active][:, [1, 3]]  # [n_active, (layer, first changed position)]
+    if shortcuts.kv is None:
+        layer_pos[:, 1] = 0
+    if not shortcuts.skip_layers:
+        layer_pos[:, 0] = 0
+    return nodes.active[_plan_order(layer_pos, chunk_size, n_layers, n_pos)]
+
+
+@dataclass
+class _Patcher:
+    """Runs a chunk of k nodes as one forward pass of k copies of the corrupt batch, node j patched in copy j."""
+
+    bridge: Any
+    metric_fn: MetricFn
+    corrupt: torch.Tensor  # [batch, pos] tokens
+    resid_names: list[str]  # [layer] resid_pre hooks
+    runs: _Runs
+    nodes: _Nodes
+    shortcuts: _Shortcuts
+    # Runs from a later position fill in only the entries they unembed, in one copy of the corrupt logits
+    # (not one [k * batch, pos, vocab] copy per chunk: 400 MB at GPT-2's vocabulary and chunk 8).
+    logits_buf: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        s = self.shortcuts
+        if s.skip_layers and (s.kv is not None or s.reads is not None):
+            self.logits_buf = self.runs.corrupt_logits.clone()
+
+    @property
+    def n_prompts(self) -> int:
+        return self.corrupt.shape[0]
+
+    def run(self, chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(metric [k, batch] of each patched copy, forward passes run) for a chunk [k, 4] of table rows."""
+        s = self.shortcuts
+        first = int(chunk[:, 1].min()) if s.skip_layers else 0  # blocks before it run as in the corrupt run
+        p0 = int(chunk[:, 3].min()) if s.kv is not None else 0  # positions before it: likewise
+        if not (s.skip_layers and (p0 > 0 or s.reads is not None)):
+            return self._run_every_position(chunk, first), 1
+        if s.reads is not None:
+            read = s.reads.pos[s.reads.pos >= p0]  # [n_read] positions the metric reads
+        else:
+            read = torch.arange(p0, self.corrupt.shape[1], device=self.corrupt.device)
+        if read.numel() == 0:  # every patch in the chunk starts after the last position read
+            return self.runs.corrupt_metric[None].repeat(chunk.shape[0], 1), 0
+        return self._run_read_positions(chunk, first, p0, read), 1
+
+    def _run_every_position(self, chunk: torch.Tensor, first: int) -> torch.Tensor:
+        """Blocks first.. (or the whole model) on every position: metric [k, batch]."""
+        k, runs = chunk.shape[0], self.runs
+        device = self.corrupt.device
+        hooks = [(name, _patch_hook(m.to(device), runs.clean_cache[name], k))
+                 for name, m in self.nodes.masks(chunk).items()]
+        if self.shortcuts.skip_layers:
+            with self.bridge.hooks(fwd_hooks=hooks):
+                logits = _forward_from(self.bridge, first, runs.corrupt_cache[self.resid_names[first]].repeat(k, 1, 1))
+        else:
+            logits = self.bridge.run_with_hooks(self.corrupt.repeat(k, 1), fwd_hooks=hooks)
+        logits = logits.reshape(k, self.n_prompts, *logits.shape[1:])  # [copy, batch, pos, vocab]
+        return torch.stack([evaluate_metric(self.metric_fn, logits[j], self.n_prompts) for j in range(k)])
+
+    def _run_read_positions(self, chunk: torch.Tensor, first: int, p0: int, read: torch.Tensor) -> torch.Tensor:
+        """Blocks first.. on positions p0.. only (earlier keys/values from the corrupt run), unembedding only the
+        entries the metric reads at positions `read`: metric [k, batch]."""
+        k, runs, s = chunk.shape[0], self.runs, self.shortcuts
+        masks = self.nodes.masks(chunk)
+        # every layout starts with pos: a run from p0 sees positions p0.. of masks and activations, and the last
+        # block's MLP (when restricted to the read positions) sees those
+        at = {name: read if s.mlp_hooks is not None and name in s.mlp_hooks else slice(p0, None) for name in masks}
+        hooks = [(name, _patch_hook((m[:, _on(at[name], m)] if m.shape[1] > 1 else m).to(self.corrupt.device),
+                                    runs.clean_cache[name][:, at[name]], k)) for name, m in masks.items()]
+        resid = runs.corrupt_cache[self.resid_names[first]][:, p0:].repeat(k, 1, 1)  # [k * batch, pos - p0, d_model]
+        with self.bridge.hooks(fwd_hooks=hooks):
+            patched = _forward_from(self.bridge, first, resid, _PrefixKV(s.kv, p0, k) if p0 > 0 else None, read - p0,
+                                    s.unembed, last_mlp_read_only=s.mlp_hooks is not None)
+        patched = patched.reshape(k, self.n_prompts, *patched.shape[1:])  # [copy, batch, read, vocab']
+        return self._metric_per_copy(patched, read)
+
+    def _metric_per_copy(self, patched: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+        """The metric of each copy: its read logits written over the corrupt ones (unchanged before p0, unread
+        elsewhere) in the one buffer, which is restored afterwards. patched [k, batch, read, vocab'] -> [k, batch]."""
+        reads = self.shortcuts.reads
+        index = reads.index(read) if reads is not None else (slice(None), read)
+        per_copy = []
+        for copy in patched:
+            self.logits_buf[index] = copy
+            per_copy.append(evaluate_metric(self.metric_fn, self.logits_buf, self.n_prompts).clone())  # not a view
+        self.logits_buf[index] = self.runs.corrupt_logits[index]
+        return torch.stack(per_copy)
+
+
+def _patch_in_chunks(patcher: _Patcher, order: torch.Tensor, chunk_size: int,
+                     progress: Progress) -> tuple[torch.Tensor, int]:
+    """(patched metric [n_node, batch] float64 on the CPU, forward passes): nodes not in `order` keep the corrupt
+    run's metric (their patch changes nothing)."""
+    n_nodes = patcher.nodes.table.shape[0]
+    results = patcher.runs.corrupt_metric.to("cpu")[None].repeat(n_nodes, 1)  # [n_node, batch]
+    n_passes = 0
+    with torch.no_grad():
+        for start in range(0, order.numel(), chunk_size):
+            progress.stage("activation patching", start / max(1, order.numel()))
+            rows = order[start:start + chunk_size]
+            values, passes = patcher.run(patcher.nodes.table[rows])
+            results[rows] = values.to("cpu", torch.float64)
+            n_passes += passes
+    return results, n_passes
+
+
+def _per_prompt_effects(results: torch.Tensor, corrupt_metric: torch.Tensor, nodes: _Nodes,
+                        n_layers: int) -> dict[str, torch.Tensor]:
+    """effect = patched - corrupt metric, per node type: [batch, layer, *grid] from results [n_node, batch]."""
+    effects = results - corrupt_metric.to("cpu")[None]  # [n_node, batch]
+    per_prompt: dict[str, torch.Tensor] = {}
+    offset = 0
+    for s in nodes.specs:
+        grid = nodes.grids[s.name]
+        count = n_layers * numel(grid)
+        block = effects[offset:offset + count].reshape(n_layers, *grid, effects.shape[1])  # [layer, *grid, batch]
+        per_prompt[s.name] = block.movedim(-1, 0).contiguous()
+        offset += count
+    return per_prompt
+
+
 def act_patch_tensors(
     model: Any,
     clean_tokens: torch.Tensor,
@@ -391,132 +621,24 @@ def act_patch_tensors(
         raise ValueError("chunk_size must be >= 1")
     bridge = bridge_of(model)
     node_types = resolve_nodes(nodes)
-    clean, corrupt = check_tokens(clean_tokens, corrupt_tokens, device_of(model))
+    clean, corrupt = check_tokens(clean_tokens, corrupt_tokens, device_of(model))  # [batch, pos]
     n_prompts, n_pos, n_layers = clean.shape[0], clean.shape[1], int(bridge.cfg.n_layers)
     specs = [NODE_TYPES[n] for n in node_types]
     names = layer_hook_names(specs, n_layers)
+    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
 
     progress.stage("activation patching: clean and corrupt runs", 0.0)
-    clean_logits, clean_cache = run_and_cache(bridge, clean, names)
-    clean_metric = evaluate_metric(metric_fn, clean_logits, n_prompts).to(torch.float64)
-    del clean_logits
-    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    corrupt_logits, corrupt_cache = run_and_cache(bridge, corrupt, list(dict.fromkeys(resid_names + names)))
-    corrupt_metric = evaluate_metric(metric_fn, corrupt_logits, n_prompts).to(torch.float64)
-    skip_layers, kv = _shortcuts(bridge, corrupt_cache, corrupt_logits, n_layers)
-    reads = _metric_reads(metric_fn, corrupt_logits, n_prompts) if skip_layers else None
-    reads, unembed, mlp_hooks = _read_only_tail(bridge, reads, corrupt_cache[resid_names[-1]], corrupt_logits, names)
-
-    act_shape = {s.name: tuple(clean_cache[s.hook_name(0)].shape[1:]) for s in specs}
-    grids = {s.name: s.grid(act_shape[s.name]) for s in specs}
-    # per hook template: the broadcast shape covering every node type that patches it
-    full_shape: dict[str, tuple[int, ...]] = {}
-    for s in specs:
-        shape = s.mask_shape(act_shape[s.name])
-        prev = full_shape.get(s.hook, shape)
-        full_shape[s.hook] = tuple(max(a, b) for a, b in zip(prev, shape))
-    # Every node as (type index, layer, flat index in the layer's grid, first position its patch changes),
-    # type-major (the result layout).
-    table, changed = [], []
-    for ti, s in enumerate(specs):
-        idx = torch.arange(numel(grids[s.name]))
-        for layer in range(n_layers):
-            name = s.hook_name(layer)
-            node_changed, start = _changed_grid(s, clean_cache[name], corrupt_cache[name])
-            table.append(torch.stack([torch.full_like(idx, ti), torch.full_like(idx, layer), idx,
-                                      start.flatten().cpu()], 1))
-            changed.append(node_changed.flatten().cpu())
-    table_t = torch.cat(table)  # [n_nodes, 4]
-    active = torch.cat(changed).nonzero()[:, 0]
-    n_nodes = table_t.shape[0]
-    layer_pos = table_t[active][:, [1, 3]]
-    if kv is None:
-        layer_pos[:, 1] = 0
-    if not skip_layers:
-        layer_pos[:, 0] = 0
-    order = active[_plan_order(layer_pos, chunk_size, n_layers, n_pos)]
-    results = corrupt_metric.to("cpu")[None].repeat(n_nodes, 1)  # unchanged nodes: the corrupt run
-    # runs from a later position fill in only the positions they unembed, in a copy of the corrupt logits
-    # (not one [k*batch, pos, vocab] copy per chunk: 400 MB at GPT-2's vocabulary and chunk 8)
-    logits_buf = corrupt_logits.clone() if skip_layers and (kv is not None or reads is not None) else None
-    device = clean.device
-    n_passes = 0
-    with torch.no_grad():
-        for start in range(0, order.numel(), chunk_size):
-            progress.stage("activation patching", start / max(1, order.numel()))
-            rows_out = order[start:start + chunk_size]
-            chunk = table_t[rows_out]
-            k = chunk.shape[0]
-            first = int(chunk[:, 1].min()) if skip_layers else 0
-            p0 = int(chunk[:, 3].min()) if kv is not None else 0
-            masks: dict[str, torch.Tensor] = {}
-            for ti, layer in torch.unique(chunk[:, :2], dim=0).tolist():
-                spec = specs[ti]
-                name = spec.hook_name(layer)
-                rows = ((chunk[:, 0] == ti) & (chunk[:, 1] == layer)).nonzero()[:, 0]
-                grid = grids[spec.name]
-                onehot = torch.zeros(rows.numel(), numel(grid), dtype=torch.bool)
-                onehot[torch.arange(rows.numel()), chunk[rows, 2]] = True
-                shape = full_shape[spec.hook]
-                node_mask = onehot.reshape(rows.numel(), *spec.mask_shape(act_shape[spec.name]))
-                if name not in masks:
-                    masks[name] = torch.zeros(k, *shape, dtype=torch.bool)
-                masks[name][rows] |= node_mask.expand(rows.numel(), *shape)
-            fast = skip_layers and (p0 > 0 or reads is not None)
-            read = None
-            if fast:
-                read = reads.pos[reads.pos >= p0] if reads is not None else torch.arange(p0, n_pos, device=device)
-            if fast and read.numel() == 0:  # every patch in the chunk starts after the last position read
-                values = corrupt_metric[None].repeat(k, 1)
-            elif fast:
-                # run positions p0.. only (earlier keys/values from the corrupt run) and unembed only the entries
-                # the metric reads; the rest keep the corrupt run's logits (unchanged before p0, unread after)
-                # every layout starts with pos: a run from p0 sees positions p0.. of masks and activations, and
-                # the last block's MLP (when restricted to the read positions) sees those
-                at = {name: read if mlp_hooks is not None and name in mlp_hooks else slice(p0, None) for name in masks}
-                hooks = [(name, _patch_hook((m[:, _on(at[name], m)] if m.shape[1] > 1 else m).to(device),
-                                            clean_cache[name][:, at[name]], k)) for name, m in masks.items()]
-                with bridge.hooks(fwd_hooks=hooks):
-                    patched = _forward_from(bridge, first, corrupt_cache[resid_names[first]][:, p0:].repeat(k, 1, 1),
-                                            _PrefixKV(kv, p0, k) if p0 > 0 else None, read - p0, unembed,
-                                            last_mlp_read_only=mlp_hooks is not None)
-                n_passes += 1
-                patched = patched.reshape(k, n_prompts, *patched.shape[1:])  # [copy, batch, read, vocab]
-                per_copy = []
-                index = reads.index(read) if reads is not None else (slice(None), read)
-                for j in range(k):  # one corrupt-logits buffer, its read entries overwritten per copy
-                    logits_buf[index] = patched[j]
-                    per_copy.append(evaluate_metric(metric_fn, logits_buf, n_prompts).clone())  # not a buffer view
-                logits_buf[index] = corrupt_logits[index]
-                values = torch.stack(per_copy)
-                del patched, per_copy
-            else:
-                hooks = [(name, _patch_hook(m.to(device), clean_cache[name], k)) for name, m in masks.items()]
-                if skip_layers:
-                    with bridge.hooks(fwd_hooks=hooks):
-                        logits = _forward_from(bridge, first, corrupt_cache[resid_names[first]].repeat(k, 1, 1))
-                else:
-                    logits = bridge.run_with_hooks(corrupt.repeat(k, 1), fwd_hooks=hooks)
-                n_passes += 1
-                logits = logits.reshape(k, n_prompts, *logits.shape[1:])  # [copy, batch, pos, vocab]
-                values = torch.stack([evaluate_metric(metric_fn, logits[j], n_prompts) for j in range(k)])
-                del logits
-            results[rows_out] = values.to("cpu", torch.float64)
-
-    effects = results - corrupt_metric.to("cpu")[None]
-    per_prompt: dict[str, torch.Tensor] = {}
-    offset = 0
-    for s in specs:
-        grid = grids[s.name]
-        count = n_layers * numel(grid)
-        block = effects[offset:offset + count].reshape(n_layers, *grid, n_prompts)
-        per_prompt[s.name] = block.movedim(-1, 0).contiguous()  # [batch, layer, *grid]
-        offset += count
+    runs = _clean_and_corrupt_runs(bridge, clean, corrupt, metric_fn, names, resid_names)
+    shortcuts = _choose_shortcuts(bridge, metric_fn, runs, names, resid_names, n_prompts)
+    table = _node_table(specs, runs, n_layers)
+    order = _run_order(table, shortcuts, chunk_size, n_layers, n_pos)
+    patcher = _Patcher(bridge, metric_fn, corrupt, resid_names, runs, table, shortcuts)
+    results, n_passes = _patch_in_chunks(patcher, order, chunk_size, progress)
+    per_prompt = _per_prompt_effects(results, runs.corrupt_metric, table, n_layers)
     progress.stage("activation patching", 1.0)
-    taken = {"later_layers": skip_layers, "later_positions": kv is not None, "read_positions": reads is not None,
-             "read_vocab": unembed is not None, "last_mlp_read_only": mlp_hooks is not None}
-    return ActPatchTensors(node_types, per_prompt, clean_metric.cpu(), corrupt_metric.cpu(), n_passes, chunk_size,
-                           n_unchanged_nodes=n_nodes - int(active.numel()), shortcuts=[name for name, on in taken.items() if on])
+    return ActPatchTensors(node_types, per_prompt, runs.clean_metric.cpu(), runs.corrupt_metric.cpu(), n_passes,
+                           chunk_size, n_unchanged_nodes=table.table.shape[0] - int(table.active.numel()),
+                           shortcuts=shortcuts.taken())
 
 
 def act_patch_result(model: Any, t: ActPatchTensors, *, normalize: bool, manifest=None) -> ActPatchResult:

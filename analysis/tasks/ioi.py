@@ -73,6 +73,77 @@ def _positions(tokens: list[int], io: int, s: int) -> tuple[int, int, int]:
     return tokens.index(io), s_pos[0], s_pos[-1]
 
 
+@dataclass(frozen=True)
+class _Words:
+    """The task vocabulary that is one token (with a leading space) for this tokenizer."""
+
+    names: dict[str, int]  # name -> token id of " " + name
+    name_list: list[str]  # the names, sorted
+    pairs: list[tuple[str, str]]  # (IO, S) candidates: name pairs of the split, sorted
+    places: list[str]  # sorted
+    objects: list[str]  # sorted
+
+
+def _single_token_words(tokenizer: PreTrainedTokenizerBase, split: str) -> _Words:
+    """Names, places and objects that are single tokens, and the split's name pairs among them."""
+    names = single_token_words(tokenizer, vocab.NAMES)
+    places = single_token_words(tokenizer, vocab.PLACES)
+    objects = single_token_words(tokenizer, vocab.OBJECTS)
+    require_words(names, vocab.NAMES, 5, "names", "IOI")
+    require_words(places, vocab.PLACES, 1, "places", "IOI")
+    require_words(objects, vocab.OBJECTS, 1, "objects", "IOI")
+    pairs = [p for p in itertools.combinations(sorted(names), 2) if vocab.pair_in_split(*p, split)]
+    if not pairs:
+        raise ValueError(f"no {split} name pair has both names as single tokens for this tokenizer")
+    logger.debug(
+        "IOI: %d/%d names, %d/%d places, %d/%d objects are single tokens; %d %s pairs",
+        len(names), len(vocab.NAMES), len(places), len(vocab.PLACES), len(objects),
+        len(vocab.OBJECTS), len(pairs), split,
+    )  # fmt: skip
+    return _Words(names=names, name_list=sorted(names), pairs=pairs, places=sorted(places), objects=sorted(objects))
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """One clean prompt and its corruption, the same template, place and object."""
+
+    clean: str
+    corrupt: str
+    io: str
+    s: str
+    template: str
+    order: str  # "ABBA" or "BABA"
+
+
+def _sample_prompt(rng: random.Random, words: _Words, templates: tuple[str, ...], order: str,
+                   corruption: str) -> _Prompt:
+    """Template, (IO, S), place and object drawn from rng; ABBA: N1 = IO, N2 = S; BABA: N1 = S, N2 = IO."""
+    template = rng.choice(templates)
+    io, s = rng.sample(rng.choice(words.pairs), 2)
+    n1, n2 = (io, s) if order == "ABBA" else (s, io)
+    place, obj = rng.choice(words.places), rng.choice(words.objects)
+    if corruption == "abc":  # three new distinct names, none of them IO or S
+        x, y, z = rng.sample([n for n in words.name_list if n not in (io, s)], 3)
+    else:  # swap_s: S2 := IO
+        x, y, z = n1, n2, io
+    return _Prompt(
+        clean=template.format(N1=n1, N2=n2, S2=s, PLACE=place, OBJECT=obj),
+        corrupt=template.format(N1=x, N2=y, S2=z, PLACE=place, OBJECT=obj),
+        io=io, s=s, template=template, order=order,
+    )
+
+
+def _tokenize_aligned(tokenizer: PreTrainedTokenizerBase, prompts: list[_Prompt],
+                      prepend_bos: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """(clean ids, corrupt ids) per prompt, each pair of the same length (names being single tokens)."""
+    clean_ids = tokenize_prompts(tokenizer, [p.clean for p in prompts], prepend_bos)
+    corrupt_ids = tokenize_prompts(tokenizer, [p.corrupt for p in prompts], prepend_bos)
+    for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)):
+        if len(a) != len(b):  # names are single tokens, so this means a tokenizer surprise
+            raise ValueError(f"IOI prompt {i}: clean and corrupt differ in length: {prompts[i].clean!r}")
+    return clean_ids, corrupt_ids
+
+
 def make_ioi(
     tokenizer: PreTrainedTokenizerBase,
     n_prompts: int = 100,
@@ -91,67 +162,27 @@ def make_ioi(
         raise ValueError(f"corruption must be one of {', '.join(CORRUPTIONS)}; got {corruption!r}")
     if n_prompts < 1:
         raise ValueError("n_prompts must be at least 1")
-    names = single_token_words(tokenizer, vocab.NAMES)
-    places = single_token_words(tokenizer, vocab.PLACES)
-    objects = single_token_words(tokenizer, vocab.OBJECTS)
-    require_words(names, vocab.NAMES, 5, "names", "IOI")
-    require_words(places, vocab.PLACES, 1, "places", "IOI")
-    require_words(objects, vocab.OBJECTS, 1, "objects", "IOI")
-    name_list = sorted(names)
-    pairs = [p for p in itertools.combinations(name_list, 2) if vocab.pair_in_split(*p, split)]
-    if not pairs:
-        raise ValueError(f"no {split} name pair has both names as single tokens for this tokenizer")
-    logger.debug(
-        "IOI: %d/%d names, %d/%d places, %d/%d objects are single tokens; %d %s pairs",
-        len(names), len(vocab.NAMES), len(places), len(vocab.PLACES), len(objects),
-        len(vocab.OBJECTS), len(pairs), split,
-    )  # fmt: skip
+    words = _single_token_words(tokenizer, split)
     templates = vocab.ioi_templates(split)
-    place_list, object_list = sorted(places), sorted(objects)
-
     rng = random.Random(seed)
-    clean, corrupt, io_names, s_names, used, orders = [], [], [], [], [], []
-    for i in range(n_prompts):
-        template = rng.choice(templates)
-        io, s = rng.sample(rng.choice(pairs), 2)
-        order = "ABBA" if i % 2 == 0 else "BABA"
-        n1, n2 = (io, s) if order == "ABBA" else (s, io)
-        place, obj = rng.choice(place_list), rng.choice(object_list)
-        clean.append(template.format(N1=n1, N2=n2, S2=s, PLACE=place, OBJECT=obj))
-        if corruption == "abc":
-            x, y, z = rng.sample([n for n in name_list if n not in (io, s)], 3)
-        else:
-            x, y, z = n1, n2, io
-        corrupt.append(template.format(N1=x, N2=y, S2=z, PLACE=place, OBJECT=obj))
-        io_names.append(io)
-        s_names.append(s)
-        used.append(template)
-        orders.append(order)
-
-    clean_ids = tokenize_prompts(tokenizer, clean, prepend_bos)
-    corrupt_ids = tokenize_prompts(tokenizer, corrupt, prepend_bos)
-    for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)):
-        if len(a) != len(b):  # names are single tokens, so this means a tokenizer surprise
-            raise ValueError(f"IOI prompt {i}: clean and corrupt differ in length: {clean[i]!r}")
-    answers = torch.tensor([[names[io], names[s]] for io, s in zip(io_names, s_names)])
-    positions = torch.tensor(
-        [_positions(ids, names[io], names[s]) for ids, io, s in zip(clean_ids, io_names, s_names)]
-    )
-    pad = pad_id(tokenizer)
+    prompts = [_sample_prompt(rng, words, templates, "ABBA" if i % 2 == 0 else "BABA", corruption)
+               for i in range(n_prompts)]
+    clean_ids, corrupt_ids = _tokenize_aligned(tokenizer, prompts, prepend_bos)
+    names, pad = words.names, pad_id(tokenizer)
     return IOIBatch(
         name="ioi",
         clean_tokens=pad_right(clean_ids, pad),
         corrupt_tokens=pad_right(corrupt_ids, pad),
         end_pos=last_positions(clean_ids),
-        prompts=clean,
-        corrupt_prompts=corrupt,
-        answer_tokens=answers,
-        answers=[(" " + io, " " + s) for io, s in zip(io_names, s_names)],
-        io_names=io_names,
-        s_names=s_names,
-        templates=used,
-        orders=orders,
-        name_positions=positions,
+        prompts=[p.clean for p in prompts],
+        corrupt_prompts=[p.corrupt for p in prompts],
+        answer_tokens=torch.tensor([[names[p.io], names[p.s]] for p in prompts]),  # [batch, 2]: IO, S
+        answers=[(" " + p.io, " " + p.s) for p in prompts],
+        io_names=[p.io for p in prompts],
+        s_names=[p.s for p in prompts],
+        templates=[p.template for p in prompts],
+        orders=[p.order for p in prompts],
+        name_positions=torch.tensor([_positions(ids, names[p.io], names[p.s]) for ids, p in zip(clean_ids, prompts)]),
         split=split,
         corruption=corruption,
     )
