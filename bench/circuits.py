@@ -43,8 +43,9 @@ def _rss_mib() -> float:
 
 
 def fallback_trio(root: Path) -> dict[str, Path]:
-    from tests.checkpoints import make_tokenizer, save, to_released_ln_free
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.checkpoints import make_tokenizer, save, to_released_ln_free
 
     tok = make_tokenizer()
     torch.manual_seed(0)

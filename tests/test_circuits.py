@@ -39,8 +39,9 @@ from lnscope.analysis.transcoders import (
     save_transcoders,
     train_transcoders,
 )
-from lnscope.analysis.transcoders.diff import greedy_assign
-from lnscope.analysis.transcoders.graph import LogitTarget, compute_influence, normalize_matrix
+from lnscope.analysis.transcoders.graph import compute_influence, normalize_matrix
+from lnscope.analysis.transcoders.matching import greedy_assign
+from lnscope.analysis.transcoders.targets import LogitTarget
 from tests.checkpoints import TEXT
 
 torch.set_num_threads(1)

@@ -33,7 +33,13 @@ from lnscope.analysis.transcoders import (
     train_transcoders,
 )
 from lnscope.analysis.transcoders.formats import circuit_tracer_config
-from lnscope.analysis.transcoders.train import ActivationBuffer, _resample, collect_activations, layer_metrics, spliced_loss
+from lnscope.analysis.transcoders.train import (
+    ActivationBuffer,
+    _resample,
+    collect_activations,
+    layer_metrics,
+    spliced_loss,
+)
 from tests.checkpoints import TEXT
 
 torch.set_num_threads(1)
@@ -218,6 +224,49 @@ def test_circuit_tracer_layout_round_trip(tmp_path, activation, skip):
     for l, y in _forward_all(tset, x).items():
         torch.testing.assert_close(back[l](x), y, atol=1e-5, rtol=1e-5)
     assert [str(Path(p).parent) for p in circuit_tracer_config(out)["transcoders"]] == [str(out.resolve())] * 2
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_written_config_holds_no_absolute_path_and_loads(tmp_path):
+    root = tmp_path / "models" / "mypair"
+    model_dir = root / "ln_free"
+    model_dir.mkdir(parents=True)
+    tset = random_transcoders(64, 48, [0, 1], seed=4)
+    out = save_transcoders(tset, root / "transcoders" / "ln_free", model_name=str(model_dir))
+    text = (out / "config.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    assert str(tmp_path) not in text and not any(Path(s).is_absolute() for s in _strings(cfg))
+    assert cfg["model_name"] == "../../ln_free"
+    back = load_transcoders(out, d_model=64, n_layers=2)
+    assert back.model_name == str(model_dir.resolve()) and back.layers == [0, 1]
+    assert circuit_tracer_config(out)["model_name"] == str(model_dir.resolve())
+    # moved as a whole, the set still finds its model
+    (tmp_path / "models").rename(tmp_path / "moved")
+    moved = load_transcoders(tmp_path / "moved" / "mypair" / "transcoders" / "ln_free", d_model=64, n_layers=2)
+    assert moved.model_name == str((tmp_path / "moved" / "mypair" / "ln_free").resolve())
+    # a Hub id is written and read as given
+    hub = save_transcoders(tset, tmp_path / "hub", model_name="gpt2")
+    assert yaml.safe_load((hub / "config.yaml").read_text())["model_name"] == "gpt2"
+    assert load_transcoders(hub).model_name == "gpt2"
+
+
+def test_committed_tiny_configs_hold_no_absolute_path():
+    root = Path(__file__).resolve().parents[1] / "models" / "tiny"
+    configs = sorted((root / "transcoders").glob("*/config.yaml"))
+    if not configs:
+        pytest.skip("no committed tiny transcoders")
+    for config in configs:
+        cfg = yaml.safe_load(config.read_text())
+        assert not any(Path(s).is_absolute() for s in _strings(cfg)), config
+        role = config.parent.name
+        assert load_transcoders(config.parent).model_name == str((root / role).resolve())
 
 
 def test_saelens_directories(tmp_path):

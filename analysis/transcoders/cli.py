@@ -71,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_text(path: Path) -> list[str]:
-    from lnscope.analysis.eval_text import split_documents
     from lnscope.analysis.errors import LnscopeError
+    from lnscope.analysis.eval_text import split_documents
 
     if not path.is_file():
         raise LnscopeError(f"training text {path} does not exist")
@@ -97,7 +97,7 @@ def training_text(pair, text: Path | None) -> list[str]:
 def run_train(args: argparse.Namespace) -> int:
     from lnscope.analysis.eval_text import pair_eval_text
     from lnscope.analysis.loading import model_cache
-    from lnscope.analysis.pairs import PairRegistry
+    from lnscope.analysis.pairs import PairRegistry, portable_path
     from lnscope.analysis.transcoders.features import build_feature_index
     from lnscope.analysis.transcoders.formats import save_transcoders, transcoder_dir
     from lnscope.analysis.transcoders.train import train_transcoders
@@ -111,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
         k=args.k, skip=args.skip, n_tokens=args.n_tokens, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         context=args.context, pair=pair.name, show_progress_bar=not args.quiet and sys.stderr.isatty())
     out = args.out or transcoder_dir(pair, args.role)
-    result.out_dir = str(out)
+    result.out_dir = portable_path(out)  # models/<relative> inside the models directory: no machine's path
     save_transcoders(tset, out, model_name=model.source.describe(), scan=f"lnscope/{pair.name}/{args.role}")
     (out / "metrics.json").write_text(result.model_dump_json(indent=2))
     if not args.no_index:
@@ -126,7 +126,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def format_training(result) -> str:
     lines = [f"transcoders for {result.role}: d_transcoder {result.d_transcoder}, {result.activation}, "
-             f"{result.n_train_tokens} training tokens, {result.seconds:.0f} s" + (f" -> {result.out_dir}" if result.out_dir else ""),
+             f"{result.n_train_tokens} training tokens, {result.seconds:.0f} s"
+             + (f" -> {result.out_dir}" if result.out_dir else ""),
              f"{'layer':>5} {'L0':>8} {'FVU':>8} {'dead':>6} {'resampled':>9}"]
     for m in result.layers:
         lines.append(f"{m.layer:>5} {m.l0:>8.1f} {m.fvu:>8.4f} {m.dead_fraction:>6.2%} {m.n_resampled:>9}")
@@ -141,9 +142,9 @@ def run_graph(args: argparse.Namespace) -> int:
     from lnscope.analysis.errors import LnscopeError
     from lnscope.analysis.loading import model_cache
     from lnscope.analysis.pairs import PairRegistry
+    from lnscope.analysis.transcoders.attribution import attribute
     from lnscope.analysis.transcoders.diff import paired_circuits
     from lnscope.analysis.transcoders.formats import load_transcoders, load_transcoders_for
-    from lnscope.analysis.transcoders.graph import attribute
 
     pair = PairRegistry.load().get(args.pair)
     roles = args.roles
@@ -184,5 +185,6 @@ def run_graph(args: argparse.Namespace) -> int:
               f"identity max rel error {s.identity_max_rel_error:.1e} -> {path}")
     if len(roles) == 2:
         print(f"diff: {len(diff.matched_nodes)} matched nodes, {len(diff.only_a)} only in {roles[0]}, "
-              f"{len(diff.only_b)} only in {roles[1]}, node Jaccard {diff.node_jaccard:.3f} -> {out / (args.slug + '-diff.json')}")
+              f"{len(diff.only_b)} only in {roles[1]}, node Jaccard {diff.node_jaccard:.3f} "
+              f"-> {out / (args.slug + '-diff.json')}")
     return 0

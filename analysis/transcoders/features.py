@@ -69,7 +69,8 @@ class FeatureIndex:
             for name, d in (("top_acts", self.top_acts), ("top_seq", self.top_seq), ("top_pos", self.top_pos),
                             ("hist", self.hist), ("max", self.max_act), ("count", self.count), ("sum", self.act_sum)):
                 tensors[f"layer{l}.{name}"] = d[l].contiguous()
-        meta = {**self.meta, "layers": self.layers, "top_k": self.top_k, "n_bins": self.n_bins, "n_tokens": self.n_tokens}
+        meta = {**self.meta, "layers": self.layers, "top_k": self.top_k, "n_bins": self.n_bins,
+                "n_tokens": self.n_tokens}
         save_file(tensors, str(p), metadata={"lnscope": json.dumps(meta)})
         return p
 
@@ -249,7 +250,8 @@ def feature_page(model: LoadedModel, transcoders: TranscoderSet, index: FeatureI
     effects = logit_effects(model, transcoders, layer, feature).cpu()
     top = effects.topk(n_tokens)
     bottom = (-effects).topk(n_tokens)
-    promoted = [TokenValue(token=tok.decode([int(i)]), token_id=int(i), value=float(v)) for v, i in zip(top.values, top.indices)]
+    promoted = [TokenValue(token=tok.decode([int(i)]), token_id=int(i), value=float(v))
+                for v, i in zip(top.values, top.indices)]
     suppressed = [TokenValue(token=tok.decode([int(i)]), token_id=int(i), value=-float(v))
                   for v, i in zip(bottom.values, bottom.indices)]
 

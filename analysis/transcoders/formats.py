@@ -9,6 +9,8 @@ Written (and read): circuit-tracer's per-layer layout, a directory holding
                                 b_dec [d_model], optional W_skip [d_model, d_model], optional k
 
 `b_enc` is stored with the input centring folded in (circuit-tracer has no input bias).
+`model_name` is a Hub id as given, or for a local model its path relative to the directory
+("../../original"), so that a committed set names no build machine's path; it is read back absolute.
 `transcoders` lists the files relative to the directory (circuit-tracer resolves plain entries
 against the working directory: load such a set there with absolute paths, see `circuit_tracer_config`).
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 import threading
@@ -78,7 +81,7 @@ def save_transcoders(tset: TranscoderSet, directory: str | Path, *, model_name: 
     first = next(iter(tset.transcoders.values()))
     config: dict[str, Any] = {
         "model_kind": "transcoder_set",
-        "model_name": model_name or tset.model_name or "unknown",
+        "model_name": portable_model_name(model_name or tset.model_name or "unknown", out),
         "scan": scan or tset.scan or f"lnscope-{out.name}",
         "feature_input_hook": tset.feature_input_hook,
         "feature_output_hook": tset.feature_output_hook,
@@ -113,11 +116,33 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def portable_model_name(model_name: str, directory: Path) -> str:
+    """An absolute local model path as a path relative to `directory` ("./..." or "../..."); other names as given."""
+    path = Path(model_name)
+    if not path.is_absolute():
+        return model_name
+    try:
+        relative = Path(os.path.relpath(path.resolve(), directory.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return path.name
+    return relative if relative.startswith("../") or relative == ".." else f"./{relative}"
+
+
+def resolved_model_name(model_name: str | None, directory: Path) -> str | None:
+    """A model name written by `portable_model_name` as an absolute path again; other names as given."""
+    if isinstance(model_name, str) and (model_name.startswith("./") or model_name.startswith("../")):
+        return str((directory / model_name).resolve())
+    return model_name
+
+
 def circuit_tracer_config(directory: str | Path) -> dict[str, Any]:
-    """The directory's config.yaml with absolute transcoder paths (what circuit-tracer's loader wants)."""
+    """The directory's config.yaml with absolute transcoder (and local model) paths, as circuit-tracer's loader
+    wants them."""
     d = Path(directory).resolve()
     cfg = yaml.safe_load((d / CONFIG_FILE).read_text())
     cfg["transcoders"] = [str(d / p) for p in cfg["transcoders"]]
+    if "model_name" in cfg:
+        cfg["model_name"] = resolved_model_name(cfg["model_name"], d)
     cfg.setdefault("scan_name", cfg.get("scan"))
     return cfg
 
@@ -197,7 +222,8 @@ def _build(layer: int, *, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch
            k: int | None = None, where: str) -> Transcoder:
     """A Transcoder from tensors in our orientation (W_enc, W_dec: [d_tc, d_model]), shape-checked."""
     if W_enc.ndim != 2 or W_dec.ndim != 2:
-        raise TranscoderFormatError(f"{where}: W_enc and W_dec must be matrices, got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
+        raise TranscoderFormatError(
+            f"{where}: W_enc and W_dec must be matrices, got {tuple(W_enc.shape)}, {tuple(W_dec.shape)}")
     d_tc, d_model = W_enc.shape
     checks = {"W_dec": (W_dec, (d_tc, d_model)), "b_enc": (b_enc, (d_tc,)), "b_dec": (b_dec, (d_model,))}
     if b_in is not None:
@@ -242,7 +268,8 @@ def _load_circuit_tracer(directory: Path) -> TranscoderSet:
         raise TranscoderFormatError(f"{directory / CONFIG_FILE}: not valid YAML ({exc})") from exc
     kind = cfg.get("model_kind", "transcoder_set")
     if kind != "transcoder_set":
-        raise TranscoderFormatError(f"{directory}: model_kind {kind!r} is not supported (only per-layer transcoder_set)")
+        raise TranscoderFormatError(
+            f"{directory}: model_kind {kind!r} is not supported (only per-layer transcoder_set)")
     entries = cfg.get("transcoders")
     if entries:
         paths: dict[int, Path] = {}
@@ -258,7 +285,8 @@ def _load_circuit_tracer(directory: Path) -> TranscoderSet:
         paths = {int(m.group(1)): f for f in directory.glob("layer_*.safetensors")
                  if (m := re.fullmatch(r"layer_(\d+)\.safetensors", f.name))}
     if not paths:
-        raise TranscoderFormatError(f"{directory}: config.yaml lists no transcoders and there is no layer_*.safetensors")
+        raise TranscoderFormatError(
+            f"{directory}: config.yaml lists no transcoders and there is no layer_*.safetensors")
     activation = cfg.get("activation") or "relu"
     if activation not in ("relu", "topk"):
         raise TranscoderFormatError(f"{directory}: activation {activation!r} is not supported (relu or topk)")
@@ -278,7 +306,8 @@ def _load_circuit_tracer(directory: Path) -> TranscoderSet:
     d_models = {tc.d_model for tc in layers.values()}
     if len(d_models) != 1:
         raise TranscoderFormatError(f"{directory}: transcoders with different d_model {sorted(d_models)}")
-    return TranscoderSet(layers, d_model=d_models.pop(), model_name=cfg.get("model_name"),
+    model_name = resolved_model_name(cfg.get("model_name"), directory)
+    return TranscoderSet(layers, d_model=d_models.pop(), model_name=model_name,
                          scan=cfg.get("scan") or cfg.get("scan_name"),
                          feature_input_hook=cfg.get("feature_input_hook", "mlp.hook_in"),
                          feature_output_hook=cfg.get("feature_output_hook", "hook_mlp_out"),
@@ -481,5 +510,6 @@ def cached_transcoders_for(pair, role: str, model) -> TranscoderSet:
     if (message := missing_transcoders_message(pair, role)) is not None:
         raise TranscoderFormatError(message)
     path = transcoder_dir(pair, role)
-    return _transcoder_cache.get(path, lambda: load_transcoders(path, model=model).to(device=model.device, dtype=model.dtype),
+    return _transcoder_cache.get(path,
+                                 lambda: load_transcoders(path, model=model).to(device=model.device, dtype=model.dtype),
                                  str(model.device), str(model.dtype))

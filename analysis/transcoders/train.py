@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
 import torch
@@ -287,35 +288,119 @@ def train_transcoders(
     `buffer_batches` batches of activations shuffled together, `dead_window` tokens without activation
     make a feature dead (default: a fifth of training). Returns the transcoders and their metrics.
     """
-    from tqdm.auto import tqdm
-
     progress = ensure(progress)
     start = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    bridge = model.bridge
-    L = int(bridge.cfg.n_layers)
-    d_model = int(bridge.cfg.d_model)
-    layers = list(range(L)) if layers is None else sorted({int(l) for l in layers})
-    if not layers or any(not 0 <= l < L for l in layers):
-        raise ValueError(f"layers must be in 0..{L - 1}, got {layers}")
-    if activation not in ("relu", "topk"):
-        raise ValueError(f"activation must be relu or topk, not {activation!r}")
-    context = min(context or int(bridge.cfg.n_ctx), int(bridge.cfg.n_ctx))
-    seqs = text_sequences(model.tokenizer, texts, context)
-    if not seqs:
-        raise ValueError("the training text gives no sequences")
-    n_eval = max(1, int(round(len(seqs) * eval_fraction))) if len(seqs) > 1 else 0
-    train_seqs, eval_seqs = (seqs[:-n_eval], seqs[-n_eval:]) if n_eval else (seqs, seqs)
+    layers = _checked_layers(model, layers, activation)
+    n_ctx = int(model.bridge.cfg.n_ctx)
+    context = min(context or n_ctx, n_ctx)
+    train_seqs, eval_seqs = _split_sequences(model, texts, context, eval_fraction)
     steps = max(1, n_tokens // batch_size)
-    dead_window = dead_window or max(batch_size, (steps * batch_size) // 5)
+    schedule = _Schedule(steps=steps, lr=lr, l1_coeff=l1_coeff, l1_warmup_frac=l1_warmup_frac,
+                         dead_window=dead_window or max(batch_size, (steps * batch_size) // 5),
+                         resample_at=_resample_steps(steps, n_resamples) if activation == "relu" else set())
     aux_k = aux_k or max(2 * k, 32)
 
     progress.stage("transcoders: activations", 0.0)
     buffer = ActivationBuffer(model, train_seqs, layers, size=buffer_batches * batch_size, batch_size=batch_size,
                               exclude_bos=exclude_bos, seed=seed)
-    dev = model.device
-    scales = {}
+    run = _start_training(model, buffer, layers, d_transcoder=d_transcoder, activation=activation, k=k, skip=skip,
+                          lr=lr, gen=gen)
+    _optimise(model, run, buffer, schedule, aux_k=aux_k, aux_coeff=aux_coeff, gen=gen, progress=progress,
+              show_progress_bar=show_progress_bar)
+    tset = _finished_set(model, run)
+    options = dict(d_transcoder=d_transcoder, layers=layers, activation=activation, l1_coeff=l1_coeff,
+                   k=k if activation == "topk" else None, skip=skip, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
+                   context=context, buffer_batches=buffer_batches, dead_window=schedule.dead_window,
+                   n_resamples=n_resamples, aux_k=aux_k if activation == "topk" else None, aux_coeff=aux_coeff,
+                   exclude_bos=exclude_bos, eval_fraction=eval_fraction, n_texts=len(texts),
+                   input_scales={str(l): run.scales[l][0] for l in layers},
+                   output_scales={str(l): run.scales[l][1] for l in layers})
+    progress.stage("transcoders: evaluation", 0.85)
+    result = evaluate_transcoders(model, tset, eval_seqs, exclude_bos=exclude_bos, max_tokens=eval_max_tokens,
+                                  pair=pair, seed=seed, options=options)
+    result.n_train_tokens = run.tokens_seen
+    result.steps = steps
+    result.seconds = time.perf_counter() - start
+    for m in result.layers:
+        m.n_resampled = run.resampled.get(m.layer, 0)
+        m.final_train_loss = run.final_loss.get(m.layer)
+    tset.info = {"training": options, "metrics": result.model_dump(mode="json", exclude={"manifest"})}
+    progress.stage("transcoders: done", 1.0)
+    return tset, result
+
+
+def _checked_layers(model: LoadedModel, layers: Sequence[int] | None, activation: str) -> list[int]:
+    """The layers to train (default all), sorted; raises on a layer outside the model or an unknown activation."""
+    L = int(model.bridge.cfg.n_layers)
+    layers = list(range(L)) if layers is None else sorted({int(l) for l in layers})
+    if not layers or any(not 0 <= l < L for l in layers):
+        raise ValueError(f"layers must be in 0..{L - 1}, got {layers}")
+    if activation not in ("relu", "topk"):
+        raise ValueError(f"activation must be relu or topk, not {activation!r}")
+    return layers
+
+
+def _split_sequences(model: LoadedModel, texts: Sequence[str], context: int,
+                     eval_fraction: float) -> tuple[list[list[int]], list[list[int]]]:
+    """(training, held-out) token sequences: the last `eval_fraction` are held out (all reused when only one)."""
+    seqs = text_sequences(model.tokenizer, texts, context)
+    if not seqs:
+        raise ValueError("the training text gives no sequences")
+    n_eval = max(1, int(round(len(seqs) * eval_fraction))) if len(seqs) > 1 else 0
+    return (seqs[:-n_eval], seqs[-n_eval:]) if n_eval else (seqs, seqs)
+
+
+def _resample_steps(steps: int, n_resamples: int) -> set[int]:
+    """The steps after which dead features are resampled: 20%, 40%, 60% of training (the first n_resamples)."""
+    return {int(steps * f) for f in (0.2, 0.4, 0.6)[:n_resamples]}
+
+
+@dataclass
+class _Schedule:
+    """Learning rate (linear warm-up over 1% of the steps, linear decay over the last 20%) and L1 ramp."""
+
+    steps: int
+    lr: float
+    l1_coeff: float
+    l1_warmup_frac: float
+    dead_window: int  # tokens without activation that make a feature dead
+    resample_at: set[int]
+
+    def lr_at(self, step: int) -> float:
+        warmup = max(1, self.steps // 100)
+        decay_from = int(self.steps * 0.8)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        if step >= decay_from:
+            return self.lr * max(0.0, (self.steps - step) / max(1, self.steps - decay_from))
+        return self.lr
+
+    def l1_at(self, step: int) -> float:
+        return self.l1_coeff * min(1.0, (step + 1) / max(1, self.l1_warmup_frac * self.steps))
+
+
+@dataclass
+class _Training:
+    """The transcoders being trained (in normalised units) and what the loop tracks per layer."""
+
+    tcs: dict[int, Transcoder]
+    scales: dict[int, tuple[float, float]]  # layer -> (s_in, s_out)
+    opt: torch.optim.Adam
+    device: torch.device | str
+    last_fired: dict[int, torch.Tensor]  # layer -> [d_transcoder] long: tokens seen when each feature last fired
+    resampled: dict[int, int]
+    final_loss: dict[int, float]
+    tokens_seen: int = 0
+
+
+def _start_training(model: LoadedModel, buffer: ActivationBuffer, layers: Sequence[int], *, d_transcoder: int,
+                    activation: str, k: int, skip: bool, lr: float, gen: torch.Generator) -> _Training:
+    """Scales s_in, s_out per layer (E||x s_in||^2 = E||y s_out||^2 = d_model on the first buffer), initialised
+    transcoders and their Adam optimiser."""
+    d_model, dev = int(model.bridge.cfg.d_model), model.device
+    scales: dict[int, tuple[float, float]] = {}
     tcs: dict[int, Transcoder] = {}
     for l in layers:
         x, y = buffer.x[l], buffer.y[l]
@@ -328,86 +413,81 @@ def train_transcoders(
         tcs[l] = tc
     params = [p for tc in tcs.values() for p in tc.parameters()]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
-    warmup = max(1, steps // 100)
-    decay_from = int(steps * 0.8)
+    return _Training(tcs=tcs, scales=scales, opt=opt, device=dev,
+                     last_fired={l: torch.zeros(d_transcoder, dtype=torch.long, device=dev) for l in layers},
+                     resampled={l: 0 for l in layers}, final_loss={})
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        if step >= decay_from:
-            return lr * max(0.0, (steps - step) / max(1, steps - decay_from))
-        return lr
 
-    resample_at = {int(steps * f) for f in (0.2, 0.4, 0.6)[:n_resamples]} if activation == "relu" else set()
-    last_fired = {l: torch.zeros(d_transcoder, dtype=torch.long, device=dev) for l in layers}  # token count
-    resampled = {l: 0 for l in layers}
-    final_loss: dict[int, float] = {}
-    tokens_seen = 0
-    bar = tqdm(total=steps, desc=f"transcoders ({model.role})", disable=not show_progress_bar, leave=False)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        l1 = l1_coeff * min(1.0, (step + 1) / max(1, l1_warmup_frac * steps))
-        batch = buffer.next()
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for l in layers:
-            tc = tcs[l]
-            s_in, s_out = scales[l]
-            x = (batch[l][0] * s_in).to(dev)
-            y = (batch[l][1] * s_out).to(dev)
-            dead = (tokens_seen - last_fired[l]) >= dead_window
-            loss, z, stats = _losses(tc, x, y, l1=l1, dead=dead, aux_k=aux_k, aux_coeff=aux_coeff)
-            loss.backward()
-            total += float(loss.detach())
-            final_loss[l] = float(loss.detach())
-            fired = (z > 0).any(0)
-            last_fired[l][fired] = tokens_seen + x.shape[0]
-        with torch.no_grad():
-            for tc in tcs.values():
-                if tc.W_dec.grad is not None:  # remove the gradient component that would change row norms
-                    par = (tc.W_dec.grad * tc.W_dec).sum(-1, keepdim=True)
-                    tc.W_dec.grad -= par * tc.W_dec
-        opt.step()
-        for tc in tcs.values():
-            tc.normalize_decoder()
-        tokens_seen += batch_size
-        if step in resample_at:
-            sample = buffer.sample(min(8 * batch_size, buffer.size))
-            for l in layers:
-                dead = (tokens_seen - last_fired[l]) >= min(dead_window, tokens_seen)
-                s_in, s_out = scales[l]
-                n = _resample(tcs[l], dead, (sample[l][0] * s_in).to(dev), (sample[l][1] * s_out).to(dev), opt, gen)
-                resampled[l] += n
-                last_fired[l][dead] = tokens_seen  # give them a fresh window
+def _optimise(model: LoadedModel, run: _Training, buffer: ActivationBuffer, schedule: _Schedule, *, aux_k: int,
+              aux_coeff: float, gen: torch.Generator, progress: Progress, show_progress_bar: bool) -> None:
+    """`schedule.steps` Adam steps on all layers at once, resampling dead features at `schedule.resample_at`."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=schedule.steps, desc=f"transcoders ({model.role})", disable=not show_progress_bar, leave=False)
+    for step in range(schedule.steps):
+        for group in run.opt.param_groups:
+            group["lr"] = schedule.lr_at(step)
+        total = _train_step(run, buffer.next(), l1=schedule.l1_at(step), dead_window=schedule.dead_window,
+                            aux_k=aux_k, aux_coeff=aux_coeff)
+        run.tokens_seen += buffer.batch_size
+        if step in schedule.resample_at:
+            _resample_dead(run, buffer, schedule.dead_window, gen)
         bar.update(1)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{total / len(layers):.4f}")
-            progress.stage("transcoders: training", 0.05 + 0.8 * step / steps)
+            bar.set_postfix(loss=f"{total / len(run.tcs):.4f}")
+            progress.stage("transcoders: training", 0.05 + 0.8 * step / schedule.steps)
     bar.close()
-    for l in layers:
-        _fold_scales(tcs[l], *scales[l])
-        tcs[l].eval()
-    tset = TranscoderSet(tcs, d_model=d_model, model_name=model.source.describe(), feature_input_hook="mlp.hook_in",
-                         feature_output_hook="hook_mlp_out")
-    options = dict(d_transcoder=d_transcoder, layers=layers, activation=activation, l1_coeff=l1_coeff,
-                   k=k if activation == "topk" else None, skip=skip, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
-                   context=context, buffer_batches=buffer_batches, dead_window=dead_window, n_resamples=n_resamples,
-                   aux_k=aux_k if activation == "topk" else None, aux_coeff=aux_coeff, exclude_bos=exclude_bos,
-                   eval_fraction=eval_fraction, n_texts=len(texts), input_scales={str(l): scales[l][0] for l in layers},
-                   output_scales={str(l): scales[l][1] for l in layers})
-    progress.stage("transcoders: evaluation", 0.85)
-    result = evaluate_transcoders(model, tset, eval_seqs, exclude_bos=exclude_bos, max_tokens=eval_max_tokens,
-                                  pair=pair, seed=seed, options=options)
-    result.n_train_tokens = tokens_seen
-    result.steps = steps
-    result.seconds = time.perf_counter() - start
-    for m in result.layers:
-        m.n_resampled = resampled.get(m.layer, 0)
-        m.final_train_loss = final_loss.get(m.layer)
-    tset.info = {"training": options, "metrics": result.model_dump(mode="json", exclude={"manifest"})}
-    progress.stage("transcoders: done", 1.0)
-    return tset, result
+
+
+def _train_step(run: _Training, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], *, l1: float, dead_window: int,
+                aux_k: int, aux_coeff: float) -> float:
+    """One optimiser step on every layer's batch ([batch, d_model] inputs and targets); returns the summed loss.
+
+    The decoder gradient's component along each row is removed before the step and the rows renormalised
+    after it, so rows stay unit-norm.
+    """
+    run.opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for l, tc in run.tcs.items():
+        s_in, s_out = run.scales[l]
+        x = (batch[l][0] * s_in).to(run.device)
+        y = (batch[l][1] * s_out).to(run.device)
+        dead = (run.tokens_seen - run.last_fired[l]) >= dead_window
+        loss, z, _ = _losses(tc, x, y, l1=l1, dead=dead, aux_k=aux_k, aux_coeff=aux_coeff)
+        loss.backward()
+        total += float(loss.detach())
+        run.final_loss[l] = float(loss.detach())
+        fired = (z > 0).any(0)
+        run.last_fired[l][fired] = run.tokens_seen + x.shape[0]
+    with torch.no_grad():
+        for tc in run.tcs.values():
+            if tc.W_dec.grad is not None:
+                par = (tc.W_dec.grad * tc.W_dec).sum(-1, keepdim=True)
+                tc.W_dec.grad -= par * tc.W_dec
+    run.opt.step()
+    for tc in run.tcs.values():
+        tc.normalize_decoder()
+    return total
+
+
+def _resample_dead(run: _Training, buffer: ActivationBuffer, dead_window: int, gen: torch.Generator) -> None:
+    """Resample every layer's dead features toward badly reconstructed buffer rows; they get a fresh window."""
+    sample = buffer.sample(min(8 * buffer.batch_size, buffer.size))
+    for l, tc in run.tcs.items():
+        dead = (run.tokens_seen - run.last_fired[l]) >= min(dead_window, run.tokens_seen)
+        s_in, s_out = run.scales[l]
+        x, y = (sample[l][0] * s_in).to(run.device), (sample[l][1] * s_out).to(run.device)
+        run.resampled[l] += _resample(tc, dead, x, y, run.opt, gen)
+        run.last_fired[l][dead] = run.tokens_seen
+
+
+def _finished_set(model: LoadedModel, run: _Training) -> TranscoderSet:
+    """The trained transcoders in model units (scales folded back in), in eval mode."""
+    for l, tc in run.tcs.items():
+        _fold_scales(tc, *run.scales[l])
+        tc.eval()
+    return TranscoderSet(run.tcs, d_model=int(model.bridge.cfg.d_model), model_name=model.source.describe(),
+                         feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out")
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -465,8 +545,9 @@ def spliced_loss(model: LoadedModel, tset: TranscoderSet, seqs: Sequence[Sequenc
         targets = toks[:, 1:]
         lp = {}
         lp["clean"] = bridge(toks).double().log_softmax(-1)[:, :-1]
-        lp["transcoders"] = bridge.run_with_hooks(toks, fwd_hooks=_splice_hooks(tset, "transcoder", exclude_bos)).double().log_softmax(-1)[:, :-1]
-        lp["zero"] = bridge.run_with_hooks(toks, fwd_hooks=_splice_hooks(tset, "zero", exclude_bos)).double().log_softmax(-1)[:, :-1]
+        for key, mode in (("transcoders", "transcoder"), ("zero", "zero")):
+            spliced = bridge.run_with_hooks(toks, fwd_hooks=_splice_hooks(tset, mode, exclude_bos))
+            lp[key] = spliced.double().log_softmax(-1)[:, :-1]
         m = mask.to(model.device)
         for key in ("clean", "transcoders", "zero"):
             nll = -lp[key].gather(-1, targets[..., None])[..., 0]
