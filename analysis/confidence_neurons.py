@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Iterator, Literal, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, Field
@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 from lnscope.analysis.errors import LnscopeError
 from lnscope.analysis.loading import LoadedModel
 from lnscope.analysis.progress import Progress, ensure
-from lnscope.analysis.results import Manifest, make_manifest
+from lnscope.analysis.results import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,6 @@ class NeuronEffect(BaseModel):
 class ConfidenceModelResult(BaseModel):
     """Confidence-neuron analysis of one model (one role)."""
 
-    manifest: Manifest | None = Field(default=None, description="set by confidence_neurons; None inside a trio result")
     role: str
     layer: int
     n_layers: int
@@ -682,14 +681,6 @@ def _rank(rows: list[NeuronEffect], rank_by: RankBy) -> list[NeuronEffect]:
     return rows
 
 
-def confidence_options(*, layer: int, k: int | None, top_n: int, chunk_size: int | None, batch_size: int,
-                       propagate: bool, rank_by: RankBy, thresholds: FlagThresholds | None,
-                       candidates: Sequence[int]) -> dict[str, Any]:
-    """The options a confidence-neuron manifest records; candidates as 'L.N' ids."""
-    return {"layer": layer, "k": k, "top_n": top_n, "chunk_size": chunk_size, "batch_size": batch_size,
-            "propagate": propagate, "rank_by": rank_by, "thresholds": (thresholds or FlagThresholds()).model_dump(),
-            "candidates": [neuron_id(layer, i) for i in candidates]}
-
 
 @torch.no_grad()
 def confidence_neurons(
@@ -750,9 +741,6 @@ def confidence_neurons(
         clean_loss=effects.clean_loss, clean_entropy=effects.clean_entropy,
         clean_logit_rel_error=effects.logit_rel_error, neurons=rows, weights=weights,
     )
-    options = confidence_options(layer=layer, k=k, top_n=top_n, chunk_size=chunk_size, batch_size=batch_size,
-                                 propagate=propagate, rank_by=rank_by, thresholds=thresholds, candidates=idx)
-    result.manifest = make_manifest("confidence_neurons", {model.role: model}, pair=pair, options=options)
     logger.info("confidence neurons %s layer %d: %d candidates on %d tokens (%s); top %s",
                 model.role, layer, len(idx), effects.n_tokens, result.method, rows[0].neuron)
     return result
@@ -774,50 +762,3 @@ def top_candidate(roles: Mapping[str, ConfidenceModelResult], ref_role: str) -> 
     by_role = {role: _role_candidate(next(row for row in res.neurons if row.index == chosen.index))
                for role, res in roles.items()}
     return TopCandidate(neuron=chosen.neuron, flagged=chosen.entropy_neuron_like, from_role=ref_role, by_role=by_role)
-
-
-def confidence_neurons_trio(
-    models: Mapping[str, LoadedModel],
-    tokens,
-    pair: str | None = None,
-    *,
-    layer: int = -1,
-    candidates: Sequence[int | str] | Literal["all"] | None = None,
-    k: int | None = None,
-    top_n: int = 20,
-    chunk_size: int | None = None,
-    batch_size: int = 4,
-    lengths=None,
-    propagate: bool = False,
-    rank_by: RankBy = "total_loss",
-    thresholds: FlagThresholds | None = None,
-    progress: Progress | None = None,
-) -> ConfidenceResult:
-    """confidence_neurons on every role with the same candidate neurons (the architecture is
-    shared); default candidates come from the original model (or the first role)."""
-    progress = ensure(progress)
-    if not models:
-        raise ConfidenceNeuronsError("no models given")
-    pair_name = getattr(pair, "name", pair)
-    ref_role = "original" if "original" in models else next(iter(models))
-    layer_ = resolve_layer(models[ref_role], layer)
-    idx, source = resolve_candidates(models[ref_role], layer_, candidates, pair=pair_name, top_n=top_n, k=k)
-    roles: dict[str, ConfidenceModelResult] = {}
-    n_roles = len(models)
-    for r, (role, model) in enumerate(models.items()):
-        sub = Progress(on_progress=lambda stage, f, role=role, r=r: progress.stage(
-            f"{role}: {stage}", (r + f) / n_roles))
-        roles[role] = confidence_neurons(
-            model, tokens, layer=layer_, candidates=idx, k=k, top_n=top_n, chunk_size=chunk_size,
-            batch_size=batch_size, lengths=lengths, propagate=propagate, rank_by=rank_by,
-            thresholds=thresholds, pair=pair_name, progress=sub, _candidate_source=source)
-        roles[role].manifest = None  # the trio's manifest covers every role
-    top = top_candidate(roles, ref_role)
-    options = confidence_options(layer=layer_, k=k, top_n=top_n, chunk_size=chunk_size, batch_size=batch_size,
-                                 propagate=propagate, rank_by=rank_by, thresholds=thresholds, candidates=idx)
-    progress.stage("done", 1.0)
-    return ConfidenceResult(
-        manifest=make_manifest("confidence_neurons", models, pair=pair_name, options=options),
-        pair=pair_name, layer=layer_, candidates=options["candidates"], candidate_source=source,
-        roles=roles, top_candidate=top,
-    )

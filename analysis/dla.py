@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from lnscope.analysis.loading import LoadedModel
 from lnscope.analysis.progress import Progress, ensure
-from lnscope.analysis.results import Manifest, make_manifest, run_per_role
+from lnscope.analysis.results import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,6 @@ class DLAErrors(BaseModel):
 
 
 class DLAModelResult(BaseModel):
-    manifest: Manifest
     role: str
     has_ln: bool
     final_scale: str = Field(description="'cached' (ln_final scale) or 'none' (LN-free: DLA is exact)")
@@ -718,10 +717,7 @@ def dla(
     spread = _treatments_spread(attrs.components)
     progress.stage("dla: errors", 1.0)
 
-    options = dict(treatments=treatments, top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap,
-                   batch_size=batch_size, n_prompts=tokens.shape[0], n_positions=int(tokens.shape[1]))
     return DLAModelResult(
-        manifest=make_manifest("dla", {model.role: model}, seed=seed, options=options),
         role=model.role,
         has_ln=readout.eps is not None,
         final_scale="cached" if readout.eps is not None else "none",
@@ -757,30 +753,3 @@ def head_differences(per_role: Mapping[str, Any], attr: str = "heads") -> dict[s
                     diffs[t] = (a - b).tolist()
         out[f"{role} - original"] = diffs
     return out
-
-
-def dla_trio(
-    models: Mapping[str, LoadedModel],
-    tokens: torch.Tensor,
-    target: DLATarget,
-    pair: str | None = None,
-    *,
-    end_pos: int | Sequence[int] | torch.Tensor | None = None,
-    treatments: Sequence[str] = TREATMENTS,
-    top_k_neurons: int = 20,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    batch_size: int = 8,
-    progress: Progress | None = None,
-) -> DLAResult:
-    """`dla` on every role of a trio on the same tokens, plus per-head differences against `original`."""
-    per_role = run_per_role(models, lambda model, span: dla(
-        model, tokens, target=target, end_pos=end_pos, treatments=treatments, top_k_neurons=top_k_neurons,
-        n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, progress=span), progress)
-    options = dict(treatments=list(treatments), top_k_neurons=top_k_neurons, n_bootstrap=n_bootstrap,
-                   batch_size=batch_size, target=target.model_dump())
-    return DLAResult(
-        manifest=make_manifest("dla", models, pair=pair, seed=seed, options=options),
-        roles=per_role,
-        head_diffs=head_differences(per_role),
-    )

@@ -49,7 +49,8 @@ def evaluate_trio(
     """CE on `eval_texts` and each task's metric and accuracy, for every role, on the same prompts."""
     progress = ensure(progress)
     tokenizer = next(iter(models.values())).tokenizer
-    batches = {name: build_task(name, tokenizer, n_prompts=n_prompts, seed=seed, **({} if name == "induction" else {"split": split}))
+    batches = {name: build_task(name, tokenizer, n_prompts=n_prompts, seed=seed,
+                                **({} if name == "induction" else {"split": split}))
                for name in tasks}
     roles: dict[str, RoleEval] = {}
     losses = {}

@@ -85,7 +85,8 @@ def prepare_inputs(kind: Kind, request: AnalysisRequest, tokenizer, n_ctx: int, 
         return task_inputs(request, tokenizer, n_ctx, limits)
     if kind.inputs == "text":
         if request.prompts is not None or request.task is not None:
-            raise RequestError(["body", "text"], f"{kind.name} takes text (or nothing: the pair's eval text), not prompts or a task")
+            raise RequestError(["body", "text"],
+                               f"{kind.name} takes text (or nothing: the pair's eval text), not prompts or a task")
         return text_inputs(request, default_text, limits)
     for field in ("prompts", "task", "text"):
         if getattr(request, field) is not None:

@@ -72,7 +72,8 @@ def _real_mean(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
     return ((values * m).sum((0, 2)) / m.sum((0, 2)).clamp_min(1)).tolist()
 
 
-def bootstrap_ratio(num: torch.Tensor, den: torch.Tensor, *, n_bootstrap: int, seed: int) -> tuple[float | None, float | None]:
+def bootstrap_ratio(num: torch.Tensor, den: torch.Tensor, *, n_bootstrap: int,
+                    seed: int) -> tuple[float | None, float | None]:
     """Percentile 95% CI of sum(num)/sum(den) resampling the units (num, den [unit])."""
     n = num.shape[0]
     if n == 0 or n_bootstrap <= 0:
@@ -180,7 +181,8 @@ def frozen_ln_constants(source: ModelSource, n_layers: int) -> tuple[list[Frozen
         elif _LNF_KEY.search(key):
             by_site[("ln_final", None)] = (key.removesuffix(".weight"), w)
 
-    def entry(site: Site, layer: int | None, default_name: str, sigma_key: str, sigma_v_key: str | None = None) -> FrozenLN:
+    def entry(site: Site, layer: int | None, default_name: str, sigma_key: str,
+              sigma_v_key: str | None = None) -> FrozenLN:
         name, w = by_site.get((site, layer), (default_name, None))
         gain = float(w.double().mean() / eps**0.5) if w is not None else None
         sigma = sigmas.get(sigma_key)
@@ -194,7 +196,8 @@ def frozen_ln_constants(source: ModelSource, n_layers: int) -> tuple[list[Frozen
 
     out = []
     for layer in range(n_layers):
-        out.append(entry("ln1", layer, f"transformer.h.{layer}.ln_1", f"blocks.{layer}.ln_1_qk", f"blocks.{layer}.ln_1_v"))
+        out.append(entry("ln1", layer, f"transformer.h.{layer}.ln_1", f"blocks.{layer}.ln_1_qk",
+                         f"blocks.{layer}.ln_1_v"))
         out.append(entry("ln2", layer, f"transformer.h.{layer}.ln_2", f"blocks.{layer}.ln_2"))
     out.append(entry("ln_final", None, "transformer.ln_f", "ln_f"))
     return out, notes
@@ -276,7 +279,8 @@ def ln_stats(
     n_batches = (n_prompts + batch_size - 1) // batch_size
     for bi, start in enumerate(range(0, n_prompts, batch_size)):
         progress.stage("ln stats: forward", bi / max(n_batches, 1))
-        _, cache = bridge.run_with_cache(tokens[start : start + batch_size].to(model.device), names_filter=lambda n: n in wanted)
+        _, cache = bridge.run_with_cache(tokens[start : start + batch_size].to(model.device),
+                                         names_filter=lambda n: n in wanted)
         # [b, layer + 1, pos]
         norms.append(torch.stack([cache[n].double().norm(dim=-1) for n in resid_names], dim=1).cpu())
         for site, names in scale_names.items():
@@ -285,7 +289,8 @@ def ln_stats(
     progress.stage("ln stats: forward", 1.0)
 
     norm = torch.cat(norms)  # [prompt, layer + 1, pos]
-    fields: dict[str, Any] = {f"{s}_scale{suffix}": None for s in ("ln1", "ln2", "ln_final") for suffix in ("", "_mean")}
+    fields: dict[str, Any] = {f"{s}_scale{suffix}": None
+                              for s in ("ln1", "ln2", "ln_final") for suffix in ("", "_mean")}
     notes: list[str] = []
     frozen = None
     scale_layer_mean = None

@@ -115,10 +115,12 @@ def _fetch_config(source: ModelSource, role: str) -> None:
                 + (" (build the embedded trio with `make tiny-models`)" if "tiny" in source.path.parts else "")
             )
         if not (source.path / "config.json").is_file():
-            raise ModelLoadError(f"{role} model directory {source.path} has no config.json (not a save_pretrained directory)")
+            raise ModelLoadError(
+                f"{role} model directory {source.path} has no config.json (not a save_pretrained directory)"
+            )
         return
-    from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub import hf_hub_download
 
     try:
         hf_hub_download(source.hub_id, "config.json", revision=source.revision)
@@ -251,7 +253,8 @@ class ModelCache:
         with self._guard:
             return key in self._models
 
-    def load_pair(self, pair: PairSpec, roles: list[str] | None = None, *, device=None, dtype=None) -> dict[str, LoadedModel]:
+    def load_pair(self, pair: PairSpec, roles: list[str] | None = None, *, device=None,
+                  dtype=None) -> dict[str, LoadedModel]:
         """All (or the given) roles of a pair, on one shared device."""
         device = resolve_device(device)
         wanted = roles or list(pair.roles())

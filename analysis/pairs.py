@@ -33,6 +33,15 @@ def models_dir() -> Path:
     return Path(os.environ.get("LNSCOPE_MODELS_DIR", PROJECT_ROOT / "models")).resolve()
 
 
+def portable_path(path: str | Path) -> str:
+    """`path` as files meant for committing write it: models/<relative> inside models_dir(), other paths as given."""
+    try:
+        relative = Path(path).resolve().relative_to(models_dir())
+    except ValueError:
+        return str(path)
+    return (Path("models") / relative).as_posix()
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where one model's weights come from: a Hugging Face id (+ revision) or a local directory."""
@@ -59,11 +68,16 @@ class ModelSource:
             return str(self.path)
         return f"{self.hub_id}@{self.revision}" if self.revision else str(self.hub_id)
 
+    def portable(self) -> str:
+        """describe() as files meant for committing write it (see `portable_path`)."""
+        return portable_path(self.path) if self.path is not None else self.describe()
+
     def to_json(self) -> dict[str, Any]:
+        # a path inside the models directory as models/<relative> (no machine's path in committed results)
         return {
             "hub_id": self.hub_id,
             "revision": self.revision,
-            "path": str(self.path) if self.path is not None else None,
+            "path": portable_path(self.path) if self.path is not None else None,
         }
 
 
@@ -172,7 +186,9 @@ def _parse_source(value: Any, *, where: str, base_dir: Path) -> ModelSource:
     return ModelSource(hub_id=value["id"], revision=revision)
 
 
-def parse_config(data: dict[str, Any], *, base_dir: Path, origin: str = "lnscope.toml") -> tuple[dict[str, PairSpec], str | None]:
+def parse_config(
+    data: dict[str, Any], *, base_dir: Path, origin: str = "lnscope.toml"
+) -> tuple[dict[str, PairSpec], str | None]:
     """User pairs and default pair from a parsed TOML document."""
     unknown = set(data) - {"pairs", "default_pair"}
     if unknown:
@@ -187,11 +203,13 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, origin: str = "lnscope
                 raise ConfigError(f"{where}: missing role `{required}`")
         unknown_keys = set(table) - {*ROLES, "description", "transcoders"}
         if unknown_keys:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown_keys)} (roles: {', '.join(ROLES)}; description; transcoders)")
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown_keys)} "
+                              f"(roles: {', '.join(ROLES)}; description; transcoders)")
         transcoders = table.get("transcoders") or {}
         if not isinstance(transcoders, dict) or set(transcoders) - set(ROLES) or not all(
                 isinstance(v, str) and v for v in transcoders.values()):
-            raise ConfigError(f"{where}.transcoders: expected a table of role = \"directory or file\" ({', '.join(ROLES)})")
+            raise ConfigError(f"{where}.transcoders: expected a table of role = \"directory or file\" "
+                              f"({', '.join(ROLES)})")
         sources = {
             role: _parse_source(table[role], where=f"{where}.{role}", base_dir=base_dir)
             for role in ROLES

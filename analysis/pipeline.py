@@ -9,7 +9,7 @@ manifest. `analyze` does both for a notebook.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel
 
@@ -79,30 +79,53 @@ def prepare_run(kind_name: str, request: AnalysisRequest, pair: PairSpec, limits
                        resources=resources)
 
 
-def run_units(kind: Kind, models: Mapping[str, LoadedModel], inputs: Inputs, options: KindOptions, *,
-              pair: PairSpec | None = None, seed: int = 0, progress: Progress | None = None) -> BaseModel:
-    """The kind's unit on every model (each in its share of `progress`), then its combine step.
+UnitRunner = Callable[[str, dict[str, Any], Progress], BaseModel]  # (role, shared, progress) -> partial
 
-    Units run in the result's role order; when the kind `shares`, the lead role runs first and what
-    it chose reaches the others. `pair` names the models' pair (kinds that read transcoders need it).
+
+def execute_units(kind: Kind, roles: list[str], run_unit: UnitRunner,
+                  progress: Progress | None = None) -> tuple[dict[str, BaseModel], str]:
+    """Each role's partial result, in the result's role order, and the lead role.
+
+    `run_unit(role, shared, progress)` runs the kind's unit for one role, wherever the model lives.
+    Units run in the result's order; when the kind `shares`, the lead runs first and what it chose
+    reaches the others.
     """
     progress = ensure(progress)
-    roles = kind.in_result_order(list(models))
+    roles = kind.in_result_order(roles)
     lead = kind.lead_role(roles)
     run_order = [lead] + [r for r in roles if r != lead] if kind.shares is not None else roles
-    partials: dict[str, Any] = {}
+    partials: dict[str, BaseModel] = {}
     shared: dict[str, Any] = {}
     for i, role in enumerate(run_order):
-        span = progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles))
-        partials[role] = kind.unit(UnitContext(model=models[role], inputs=inputs, options=options, seed=seed,
-                                               pair=pair, progress=span, shared=shared))
+        partials[role] = run_unit(role, shared, progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles)))
         if kind.shares is not None and role == lead:
             shared = kind.shares(partials[role])
-    ordered_models = {role: models[role] for role in roles}
-    manifest = make_manifest(kind.name, ordered_models, pair=None if pair is None else pair.name, seed=seed,
+    return {role: partials[role] for role in roles}, lead
+
+
+def combine_partials(kind: Kind, partials: Mapping[str, BaseModel], models: Mapping[str, LoadedModel], *,
+                     lead: str, inputs: Inputs, options: KindOptions, pair: PairSpec | None, seed: int) -> BaseModel:
+    """The kind's combine step under one manifest, with an entry per role (in the partials' order)."""
+    manifest = make_manifest(kind.name, {role: models[role] for role in partials},
+                             pair=None if pair is None else pair.name, seed=seed,
                              options=options.model_dump(mode="json"))
     context = CombineContext(pair=pair, options=options, inputs=inputs, seed=seed, manifest=manifest, lead=lead)
-    return kind.combine({role: partials[role] for role in roles}, context)
+    return kind.combine(partials, context)
+
+
+def run_units(kind: Kind, models: Mapping[str, LoadedModel], inputs: Inputs, options: KindOptions, *,
+              pair: PairSpec | None = None, seed: int = 0, progress: Progress | None = None) -> BaseModel:
+    """The kind's unit on every model in this process (each in its share of `progress`), then its combine step.
+
+    `pair` names the models' pair (kinds that read transcoders need it).
+    """
+
+    def run_unit(role: str, shared: dict[str, Any], span: Progress) -> BaseModel:
+        return kind.unit(UnitContext(model=models[role], inputs=inputs, options=options, seed=seed, pair=pair,
+                                     progress=span, shared=shared))
+
+    partials, lead = execute_units(kind, list(models), run_unit, progress)
+    return combine_partials(kind, partials, models, lead=lead, inputs=inputs, options=options, pair=pair, seed=seed)
 
 
 def run_prepared(run: PreparedRun, models: Mapping[str, LoadedModel], progress: Progress | None = None) -> BaseModel:

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
 Role = Literal["original", "ln_free", "control"]
 
 
@@ -58,7 +57,8 @@ class AnalysisRequest(BaseModel):
     prompts: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1)
     task: TaskSpec | None = None
     text: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        default=None, min_length=1, description="free text (loss, ln-stats, confidence-neurons); default the pair's eval text")
+        default=None, min_length=1,
+        description="free text (loss, ln-stats, confidence-neurons); default the pair's eval text")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the analysis kind (see GET /kinds)")
     seed: int = Field(default=0, ge=0)
 

@@ -127,7 +127,8 @@ def tl_sweeps(bridge, clean, corrupt, metric, nodes):
     return out
 
 
-def bench_model(name: str, model, n_prompts: int, n_pos: int, tl_nodes: list[str], repeats: int, chunk: int | None) -> None:
+def bench_model(name: str, model, n_prompts: int, n_pos: int, tl_nodes: list[str], repeats: int,
+                chunk: int | None) -> None:
     bridge, device = model.bridge, model.device
     mem = Memory(device)
     clean, corrupt, answers, metric = prompts(int(bridge.cfg.d_vocab), n_prompts, n_pos)
@@ -191,8 +192,8 @@ def bench_model(name: str, model, n_prompts: int, n_pos: int, tl_nodes: list[str
     target = DLATarget(kind="task_metric", answer_tokens=answers.tolist())
     mem.reset()
     end = [n_pos - 1] * n_prompts
-    t_dla, _ = timed(lambda: dla(model, corrupt, target=target, end_pos=end, treatments=["cached_scale"], top_k_neurons=0,
-                                 n_bootstrap=0, batch_size=n_prompts), device, repeats)
+    t_dla, _ = timed(lambda: dla(model, corrupt, target=target, end_pos=end, treatments=["cached_scale"],
+                                 top_k_neurons=0, n_bootstrap=0, batch_size=n_prompts), device, repeats)
     print(f"DLA for all heads (cached_scale): {t_dla * 1e3:.1f} ms = {t_dla / t_fwd:.2f} x one forward "
           f"(target <= 2); peak {mem.peak()}")
 
@@ -200,9 +201,11 @@ def bench_model(name: str, model, n_prompts: int, n_pos: int, tl_nodes: list[str
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-    parser.add_argument("--quick", action="store_true", help="4 prompts x 8 tokens, TL comparison on resid_pre/head/mlp")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 prompts x 8 tokens, TL comparison on resid_pre/head/mlp")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--chunk-size", type=int, default=None, help="nodes per batched forward (default: the library's, 8 on CPU, 32 on CUDA)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="nodes per batched forward (default: the library's, 8 on CPU, 32 on CUDA)")
     parser.add_argument("--nodes", nargs="+", default=None,
                         help="node types of the TransformerLens comparison (default: resid_pre head head_pos mlp; "
                              "quick: resid_pre head mlp)")

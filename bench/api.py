@@ -2,7 +2,7 @@
 
 Starts a real uvicorn server on 127.0.0.1, then measures p50 / p95 wall time of
 POST /api/v1/analyses/dla?wait=true under 1 and 8 concurrent clients, against the library
-call (`dla_trio` on the same, already loaded models) timed in the same run. Every request is
+call (`run_units` of the `dla` kind on the same, already loaded models) timed in the same run. Every request is
 distinct (its seed differs), so none is answered from the store.
 
     python bench/api.py [--requests 24] [--pair tiny]
@@ -39,9 +39,12 @@ def percentile(values: list[float], q: float) -> float:
 
 def library_seconds(pair_name: str, n: int) -> list[float]:
     from lnscope.analysis.checks import tokenize_prompts
-    from lnscope.analysis.dla import DLATarget, dla_trio
+    from lnscope.analysis.dla import DLATarget
+    from lnscope.analysis.kinds import KINDS, Inputs
+    from lnscope.analysis.kinds.dla import DLAOptions
     from lnscope.analysis.loading import model_cache
     from lnscope.analysis.pairs import PairRegistry
+    from lnscope.analysis.pipeline import run_units
 
     pair = PairRegistry.load().get(pair_name)
     models = model_cache.load_pair(pair, device="cpu")
@@ -52,15 +55,16 @@ def library_seconds(pair_name: str, n: int) -> list[float]:
     out = []
     for i in range(n):
         t = time.perf_counter()
-        dla_trio(models, tokens, target, pair=pair.name, end_pos=lengths - 1, n_bootstrap=200, seed=i)
+        run_units(KINDS["dla"], models, Inputs(tokens=tokens, end_pos=lengths - 1, extra={"target": target}),
+                  DLAOptions(n_bootstrap=200), pair=pair, seed=i)
         out.append(time.perf_counter() - t)
     return out
 
 
 def serve(port: int, data_dir: str) -> subprocess.Popen:
     env = {**os.environ, "LNSCOPE_DATA_DIR": data_dir, "LNSCOPE_DEVICE": "cpu", "LNSCOPE_WORKERS": "8"}
-    proc = subprocess.Popen([sys.executable, "-m", "lnscope.analysis.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "lnscope.analysis.cli", "serve", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -92,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     lib = library_seconds("tiny", max(8, args.requests // 3))
     lib_p50 = statistics.median(lib)
-    print(f"library dla_trio (3 roles, 2 prompts): p50 {lib_p50 * 1000:.1f} ms, p95 {percentile(lib, 0.95) * 1000:.1f} ms")
+    print(f"library dla (3 roles, 2 prompts): p50 {lib_p50 * 1000:.1f} ms, p95 {percentile(lib, 0.95) * 1000:.1f} ms")
     port = socket.socket()
     port.bind(("127.0.0.1", 0))
     port_no = port.getsockname()[1]

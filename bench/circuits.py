@@ -49,7 +49,8 @@ def fallback_trio(root: Path) -> dict[str, Path]:
 
     tok = make_tokenizer()
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=256, vocab_size=len(tok), bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=256, vocab_size=len(tok),
+                     bos_token_id=0, eos_token_id=0)
     original = GPT2LMHeadModel(cfg).eval()
     return {"original": save(original, tok, root / "original"),
             "ln_free": save(to_released_ln_free(original, 1), tok, root / "ln_free")}
@@ -64,7 +65,8 @@ def sources() -> tuple[str, dict[str, Path]]:
         return "tiny", paths
     root = CACHE / "fallback-trio"
     if not (root / "ln_free" / "config.json").is_file():
-        print("models/tiny is missing (build it with `make tiny-models`): using a random 4-layer GPT-2 trio", flush=True)
+        print("models/tiny is missing (build it with `make tiny-models`): using a random 4-layer GPT-2 trio",
+              flush=True)
         fallback_trio(root)
     else:
         print("models/tiny is missing: using the cached random 4-layer GPT-2 trio", flush=True)
@@ -90,7 +92,8 @@ def ensure_transcoders(name: str, paths: dict[str, Path], roles, device: str, tr
         d = transcoder_dir(name, role)
         if (d / "config.yaml").is_file():
             continue
-        print(f"no transcoders for {name}/{role}: training quick TopK (k=16) ones ({train_tokens} tokens) -> {d}", flush=True)
+        print(f"no transcoders for {name}/{role}: training quick TopK (k=16) ones ({train_tokens} tokens) -> {d}",
+              flush=True)
         model = load_model(ModelSource(path=paths[role]), role, device=device)
         texts = TEXT * 50
         if name == "tiny":
@@ -98,8 +101,9 @@ def ensure_transcoders(name: str, paths: dict[str, Path], roles, device: str, tr
             from lnscope.analysis.tinymodel.corpus import generate_documents
 
             texts = generate_documents(500, seed=0, split="train", ioi_grammar=trio_ioi_grammar(paths["original"]))
-        tset, res = train_transcoders(model, texts, d_transcoder=8 * int(model.bridge.cfg.d_model), activation="topk", k=16,
-                                      n_tokens=train_tokens, batch_size=512, show_progress_bar=False)
+        tset, res = train_transcoders(model, texts, d_transcoder=8 * int(model.bridge.cfg.d_model),
+                                      activation="topk", k=16, n_tokens=train_tokens, batch_size=512,
+                                      show_progress_bar=False)
         print("   FVU per layer", [round(m.fvu, 3) for m in res.layers], "L0", [round(m.l0, 1) for m in res.layers])
         save_transcoders(tset, d)
 
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for role in args.roles:
         for n in args.lengths:
-            cmd = [sys.executable, __file__, "--one", "--role", role, "--length", str(n), "--model-dir", str(paths[role]),
+            cmd = [sys.executable, __file__, "--one", "--role", role, "--length", str(n),
+                   "--model-dir", str(paths[role]),
                    "--transcoder-dir", str(transcoder_dir(name, role)), "--device", args.device,
                    "--repeats", str(args.repeats), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
             run = subprocess.run(cmd, capture_output=True, text=True)

@@ -18,14 +18,24 @@ from pydantic import ValidationError
 from lnscope.analysis import __version__
 from lnscope.analysis.errors import LnscopeError, ModelLoadError, UnknownPairError, UnknownRoleError
 from lnscope.analysis.kinds import KINDS, RequestError
-from lnscope.analysis.pipeline import PreparedRun, prepare_run, run_prepared
 from lnscope.analysis.pairs import PairRegistry, PairSpec
-
+from lnscope.analysis.pipeline import PreparedRun, prepare_run, run_prepared
 from lnscope.server.frontend import mount_api_docs, mount_frontend
 from lnscope.server.jobs import Job, QueueFull
 from lnscope.server.schemas import (
-    AnalysisRequest, ErrorBody, Health, JobInfo, KindInfo, ModelsResponse, PairInfo, ResultOut, ResultPage,
-    RoleInfo, TokenizeRequest, TokenizeResponse, TokenOut,
+    AnalysisRequest,
+    ErrorBody,
+    Health,
+    JobInfo,
+    KindInfo,
+    ModelsResponse,
+    PairInfo,
+    ResultOut,
+    ResultPage,
+    RoleInfo,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenOut,
 )
 from lnscope.server.settings import Settings
 from lnscope.server.state import ServerState
@@ -112,11 +122,13 @@ def list_tasks() -> list[dict[str, Any]]:
 
 @router.get("/kinds", response_model=list[KindInfo], summary="Analysis kinds, their inputs and options")
 def list_kinds() -> list[KindInfo]:
-    return [KindInfo(name=k.name, description=k.description, inputs=k.inputs, options_schema=k.options.model_json_schema())
+    return [KindInfo(name=k.name, description=k.description, inputs=k.inputs,
+                     options_schema=k.options.model_json_schema())
             for k in KINDS.values()]
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, summary="Tokenize text as the pair's models see it")
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS,
+             summary="Tokenize text as the pair's models see it")
 def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
     spec = _pair(state, body.pair)
@@ -160,7 +172,8 @@ def _manifest_key(state: ServerState, spec: PairSpec, roles: list[str]) -> dict[
 
 
 def _failure_response(row: ResultRow) -> None:
-    status = {"model_load": 409, "oom": 503, "invalid": 422, "timeout": 504, "queue_full": 503}.get(row.error_kind or "", 500)
+    status = {"model_load": 409, "oom": 503, "invalid": 422, "timeout": 504, "queue_full": 503}.get(
+        row.error_kind or "", 500)
     headers = {"Retry-After": "30"} if status == 503 else None
     raise ApiError(status, row.error or "failed", headers)
 
@@ -207,9 +220,9 @@ def _submit(state: ServerState, kind: str, body: AnalysisRequest, *, wait: bool,
         def job(progress):
             progress.stage("loading models", 0.0)
             models = {role: state.load_role(run.pair, role) for role in run.roles}
-            result = run_prepared(run, models, progress)
-            payload = result.model_dump(mode="json")
-            return json.dumps(payload), payload.get("manifest")
+            payload = run_prepared(run, models, progress).model_dump(mode="json")
+            manifest = payload.pop("manifest", None)  # stored once, in the row, for every role
+            return json.dumps(payload), manifest
 
         try:
             state.jobs.submit(Job(id=row.id, kind=kind, run=job, timeout_s=state.settings.job_timeout_s,
@@ -279,7 +292,8 @@ def cancel_job(job_id: str, request: Request) -> JobInfo:
     return _job_info(state.store.get(job_id))
 
 
-@router.get("/results/{result_id}", response_model=ResultOut, responses=ERRORS, summary="A stored result and its manifest")
+@router.get("/results/{result_id}", response_model=ResultOut, responses=ERRORS,
+            summary="A stored result and its manifest")
 def get_result(result_id: str, request: Request) -> ResultOut:
     return _result_out(_row(_state(request), result_id))
 

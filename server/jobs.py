@@ -17,7 +17,6 @@ from typing import Callable
 
 from lnscope.analysis.errors import LnscopeError, ModelLoadError
 from lnscope.analysis.progress import Cancelled, Progress
-
 from lnscope.server.storage import Store
 
 logger = logging.getLogger("lnscope.server.jobs")

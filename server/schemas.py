@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,7 +69,8 @@ class ResultOut(BaseModel):
     status: str
     cached: bool = Field(default=False, description="true when an identical earlier request's result is returned")
     inputs: dict[str, Any]
-    manifest: dict[str, Any] | None
+    manifest: dict[str, Any] | None = Field(
+        description="how the result was made: kind, pair, options, seed, one entry per role")
     timings: dict[str, float | None]
     result: dict[str, Any] | None
 

@@ -10,7 +10,6 @@ from lnscope.analysis.errors import LnscopeError, ModelLoadError
 from lnscope.analysis.kinds.base import Limits
 from lnscope.analysis.loading import ModelCache, model_cache, pair_tokenizer
 from lnscope.analysis.pairs import ModelSource, PairRegistry, PairSpec
-
 from lnscope.server.jobs import JobManager
 from lnscope.server.settings import Settings
 from lnscope.server.storage import Store, database_url

@@ -31,7 +31,8 @@ def utcnow() -> dt.datetime:
 
 def request_hash(kind: str, inputs: dict[str, Any], manifest_key: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of what determines a result: kind, inputs, models and settings."""
-    canonical = json.dumps({"kind": kind, "inputs": inputs, "manifest": manifest_key}, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps({"kind": kind, "inputs": inputs, "manifest": manifest_key}, sort_keys=True,
+                           separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -172,7 +173,9 @@ class Store:
     def fail(self, result_id: str, error: str, error_kind: str, status: str = "failed") -> bool:
         return self._update(result_id, status=status, error=error, error_kind=error_kind, finished_at=utcnow())
 
-    def history(self, *, pair: str | None, kind: str | None, status: str | None, limit: int, offset: int) -> tuple[int, list[ResultRow]]:
+    def history(
+        self, *, pair: str | None, kind: str | None, status: str | None, limit: int, offset: int
+    ) -> tuple[int, list[ResultRow]]:
         query = select(ResultRow)
         count = select(func.count()).select_from(ResultRow)
         for column, value in ((ResultRow.pair, pair), (ResultRow.kind, kind), (ResultRow.status, status)):

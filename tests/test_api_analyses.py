@@ -5,7 +5,6 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from lnscope.analysis.checks import tokenize_prompts
@@ -70,14 +69,16 @@ def test_dla_over_http_equals_the_library_call(client, cache):
     assert result["roles"]["original"]["errors"]["cached_scale"]["nmae"]["value"] > 0
 
     app_state = client.app.state.lnscope
-    models = {role: app_state.load_role(app_state.registry.get("local"), role) for role in ("original", "ln_free", "control")}
+    models = {role: app_state.load_role(app_state.registry.get("local"), role)
+              for role in ("original", "ln_free", "control")}
     tokenizer = models["original"].tokenizer
     tokens, lengths = tokenize_prompts(tokenizer, PROMPTS, 64)
     (mary,), (john,) = (tokenizer.encode(w, add_special_tokens=False) for w in (" Mary", " John"))
     target = DLATarget.logit_diff(mary, john)
     direct = {role: dla(model, tokens, target=target, end_pos=lengths - 1, n_bootstrap=50, seed=0)
               for role, model in models.items()}
-    assert {role: without_manifests(r.model_dump(mode="json")) for role, r in direct.items()} == without_manifests(result["roles"])
+    assert ({role: without_manifests(r.model_dump(mode="json")) for role, r in direct.items()}
+            == without_manifests(result["roles"]))
 
 
 def test_ln_stats_loss_and_confidence_neurons(client):
@@ -180,4 +181,5 @@ def test_patching_kinds_over_http_equal_the_library(client):
     assert fid.status_code == 200, fid.text
     summaries = fid.json()["result"]["roles"]["ln_free"]["summaries"]
     assert {(s["statistic"], s["method"]) for s in summaries} >= {("pearson", "atp"), ("top_k_recall", "atp_star")}
-    assert client.post("/api/v1/analyses/activation-patching", json={"pair": "local", "prompts": ["a"]}).status_code == 422
+    assert client.post("/api/v1/analyses/activation-patching",
+                       json={"pair": "local", "prompts": ["a"]}).status_code == 422

@@ -131,7 +131,8 @@ def test_feature_page_over_get_and_post(client, cache, transcoder_dirs):
     # the same page through POST, for two roles; the GET result is reused when asked again
     again = client.get("/api/v1/features/local/ln_free/1/7")
     assert again.json()["id"] == r.json()["id"] and again.json()["cached"] is True
-    both = post(client, "feature", {"pair": "local", "roles": ["original", "ln_free"], "options": {"layer": 1, "feature": 7}})
+    both = post(client, "feature",
+                {"pair": "local", "roles": ["original", "ln_free"], "options": {"layer": 1, "feature": 7}})
     assert both.status_code == 200 and set(both.json()["result"]["roles"]) == {"original", "ln_free"}
 
 

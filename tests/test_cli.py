@@ -23,7 +23,8 @@ def test_check_pair_on_local_directories_as_json(trio_dirs, capsys):
 
 def test_check_pair_table_from_a_configured_pair(trio_dirs, tmp_path, capsys):
     (tmp_path / "lnscope.toml").write_text(
-        f'[pairs.mine]\noriginal = {{ path = "{trio_dirs["original"]}" }}\nln_free = {{ path = "{trio_dirs["ln_free"]}" }}\n'
+        f'[pairs.mine]\noriginal = {{ path = "{trio_dirs["original"]}" }}\n'
+        f'ln_free = {{ path = "{trio_dirs["ln_free"]}" }}\n'
     )
     assert main(["check-pair", "mine", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

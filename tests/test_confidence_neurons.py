@@ -15,14 +15,17 @@ from lnscope.analysis.confidence_neurons import (
     ConfidenceNeuronsError,
     ConfidenceResult,
     confidence_neurons,
-    confidence_neurons_trio,
     default_candidates,
     neuron_ablation_effects,
     parse_neuron,
+    top_candidate,
     weight_statistics,
 )
+from lnscope.analysis.kinds import KINDS, Inputs
+from lnscope.analysis.kinds.confidence import ConfidenceOptions
 from lnscope.analysis.loading import load_model
 from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.pipeline import run_units
 from lnscope.analysis.progress import Progress
 from tests.checkpoints import TEXT
 
@@ -151,23 +154,24 @@ def test_propagate_on_earlier_layer_equals_brute_force(trio64, sample):
 def test_ln_free_fraction_is_zero_and_original_is_not(trio64, sample):
     tokens, lengths = sample
     pair = {role: trio64[role] for role in ("original", "ln_free")}
-    result = confidence_neurons_trio(pair, tokens, lengths=lengths, candidates="all", chunk_size=4096)
-    free = result.roles["ln_free"]
-    assert not free.has_final_scale and result.roles["original"].has_final_scale
+    roles = {role: confidence_neurons(model, tokens, lengths=lengths, candidates="all", chunk_size=4096)
+             for role, model in pair.items()}
+    free = roles["ln_free"]
+    assert not free.has_final_scale and roles["original"].has_final_scale
     assert len(free.neurons) == free.d_mlp
     for row in free.neurons:
         assert row.abs_dloss_total == row.abs_dloss_direct and row.dloss_total == row.dloss_direct
         assert row.abs_dentropy_total == row.abs_dentropy_direct
         assert abs(row.ln_mediated_fraction_loss) < 1e-9
         assert abs(row.ln_mediated_fraction_entropy) < 1e-9
-    fractions = [abs(r.ln_mediated_fraction_loss) for r in result.roles["original"].neurons]
+    fractions = [abs(r.ln_mediated_fraction_loss) for r in roles["original"].neurons]
     assert max(fractions) > 1e-3
-    for res in result.roles.values():
+    for res in roles.values():
         assert res.clean_logit_rel_error < 1e-10
         assert [r.rank for r in res.neurons] == list(range(1, len(res.neurons) + 1))
         totals = [r.abs_dloss_total for r in res.neurons]
         assert totals == sorted(totals, reverse=True)
-    top = result.top_candidate
+    top = top_candidate(roles, "original")
     assert set(top.by_role) == set(pair) and top.from_role == "original"
     assert top.by_role["ln_free"].ln_mediated_fraction_loss == pytest.approx(0.0, abs=1e-9)
 
@@ -175,8 +179,8 @@ def test_ln_free_fraction_is_zero_and_original_is_not(trio64, sample):
 def test_json_round_trip_and_single_model(trio64, sample):
     tokens, lengths = sample
     stages = []
-    result = confidence_neurons_trio(trio64, tokens, pair="tiny-test", lengths=lengths, top_n=5,
-                                     progress=Progress(lambda s, f: stages.append((s, f))))
+    result = run_units(KINDS["confidence-neurons"], trio64, Inputs(extra={"tokens": tokens, "lengths": lengths}),
+                       ConfidenceOptions(top_n=5), progress=Progress(lambda s, f: stages.append((s, f))))
     assert result.candidate_source == "top_norm_rho" and len(result.candidates) == 5
     assert all(c.startswith("1.") for c in result.candidates)
     for res in result.roles.values():  # the same neurons in every role
@@ -184,11 +188,11 @@ def test_json_round_trip_and_single_model(trio64, sample):
     assert stages and stages[-1][1] == 1.0 and all(0 <= f <= 1 for _, f in stages)
     again = ConfidenceResult.model_validate_json(result.model_dump_json())
     assert again == result
-    assert json.loads(result.model_dump_json())["manifest"]["kind"] == "confidence_neurons"
+    assert json.loads(result.model_dump_json())["manifest"]["kind"] == "confidence-neurons"
 
     single = confidence_neurons(trio64["original"], tokens, lengths=lengths, candidates=["1.7", 9],
                                 rank_by="norm_rho", k=2)
-    assert single.manifest is not None and single.k == 2 and single.candidate_source == "given"
+    assert single.k == 2 and single.candidate_source == "given"
     scores = [r.w_out_norm * r.rho for r in single.neurons]
     assert scores == sorted(scores, reverse=True)
     assert ConfidenceModelResult.model_validate_json(single.model_dump_json()) == single

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from lnscope.analysis.checks import CHECK_PROMPTS, tokenize_prompts
-from lnscope.analysis.dla import DLAResult, DLATarget, bootstrap_nmae, dla, dla_trio
+from lnscope.analysis.dla import DLAResult, DLATarget, bootstrap_nmae, dla
+from lnscope.analysis.kinds import KINDS, Inputs
+from lnscope.analysis.kinds.dla import DLAOptions
 from lnscope.analysis.loading import load_model
 from lnscope.analysis.pairs import ModelSource
+from lnscope.analysis.pipeline import run_units
 from lnscope.analysis.progress import Cancelled, Progress
 
 A, B = 5, 7  # target: logit(A) - logit(B)
@@ -33,8 +36,8 @@ def batch(models):
 @pytest.fixture(scope="module")
 def trio_result(models, batch):
     tokens, _ = batch
-    return dla_trio(models, tokens, DLATarget.logit_diff(A, B), pair="test", top_k_neurons=5,
-                    n_bootstrap=200, batch_size=3)
+    inputs = Inputs(tokens=tokens, extra={"target": DLATarget.logit_diff(A, B)})
+    return run_units(KINDS["dla"], models, inputs, DLAOptions(top_k_neurons=5, n_bootstrap=200))
 
 
 def _end(result):
@@ -70,14 +73,17 @@ def test_cached_scale_equals_transformer_lens(models, batch, trio_result):
     comps = [cache["hook_embed"], cache["hook_pos_embed"]]
     for layer in range(bridge.cfg.n_layers):
         h = cache.stack_head_results(layer=layer + 1)[-bridge.cfg.n_heads:]
-        comps += list(h) + [bridge.blocks[layer].attn.b_O.expand_as(cache["hook_embed"]), cache[f"blocks.{layer}.hook_mlp_out"]]
+        comps += list(h) + [bridge.blocks[layer].attn.b_O.expand_as(cache["hook_embed"]),
+                            cache[f"blocks.{layer}.hook_mlp_out"]]
     stack = torch.stack(comps)  # [n_comp, b, pos, d]
     n = tokens.shape[0]
-    attrs = cache.logit_attrs(stack, tokens=torch.full((n,), A), incorrect_tokens=torch.full((n,), B))  # [n_comp, b, pos]
+    # [n_comp, b, pos]
+    attrs = cache.logit_attrs(stack, tokens=torch.full((n,), A), incorrect_tokens=torch.full((n,), B))
     ref_all = attrs[:, torch.arange(n), end]  # [n_comp, b]
     torch.testing.assert_close(T(res.treatments["cached_scale"].per_prompt).T, ref_all, rtol=1e-10, atol=1e-10)
     # neurons
-    neurons = _gather(cache.apply_ln_to_stack(cache.stack_neuron_results(layer=-1), layer=-1), end) @ direction  # [L*d_mlp, b]
+    # [L*d_mlp, b]
+    neurons = _gather(cache.apply_ln_to_stack(cache.stack_neuron_results(layer=-1), layer=-1), end) @ direction
     d_mlp = bridge.cfg.d_mlp
     for top in res.treatments["cached_scale"].top_neurons:
         torch.testing.assert_close(T(top.per_prompt), neurons[top.layer * d_mlp + top.neuron], rtol=1e-10, atol=1e-10)
@@ -141,7 +147,8 @@ def test_direct_effect_equals_brute_force_removal(models, batch, trio_result):
         comps[f"L{layer}MLP"] = cache[f"blocks.{layer}.hook_mlp_out"]
     top = res.treatments["direct_effect"].top_neurons[:2]
     for t in top:
-        comps[t.label] = cache[f"blocks.{t.layer}.mlp.hook_post"][..., t.neuron, None] * bridge.blocks[t.layer].mlp.W_out[t.neuron]
+        comps[t.label] = (cache[f"blocks.{t.layer}.mlp.hook_post"][..., t.neuron, None]
+                          * bridge.blocks[t.layer].mlp.W_out[t.neuron])
     assert set(res.labels) <= set(comps)
     de = T(res.treatments["direct_effect"].per_prompt).T  # [n_comp, b]
     for label, c in comps.items():
@@ -194,7 +201,8 @@ def test_bootstrap_ci_contains_the_estimate_and_is_seeded(trio_result):
     nmae = trio_result.roles["original"].errors["cached_scale"].nmae
     assert nmae.ci_low <= nmae.value <= nmae.ci_high
     gen = torch.Generator().manual_seed(1)
-    err, de = torch.rand(6, 40, generator=gen, dtype=torch.float64), torch.rand(6, 40, generator=gen, dtype=torch.float64)
+    err, de = (torch.rand(6, 40, generator=gen, dtype=torch.float64),
+               torch.rand(6, 40, generator=gen, dtype=torch.float64))
     a = bootstrap_nmae(err, de, n_bootstrap=1000, seed=3, over="components")
     assert a == bootstrap_nmae(err, de, n_bootstrap=1000, seed=3, over="components")
     assert a != bootstrap_nmae(err, de, n_bootstrap=1000, seed=4, over="components")

@@ -24,27 +24,30 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright import sync_api as playwright_api  # installed by `make test` (the test extra)
 
 from tests.test_server_process import free_port
 from tests.transcoder_fixtures import build_transcoders, transcoders_toml
 
-from playwright import sync_api as playwright_api  # installed by `make test` (the test extra)
-
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("LNSCOPE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+CHROMIUM = (os.environ.get("LNSCOPE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+            or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 IOI = "When Mary and John went to the store, John gave a drink to"
 ROLES = ["original", "ln_free", "control"]
 CUSTOM_TASK = {"name": "custom", "pairs": [
-    {"clean": IOI, "corrupt": "When Mary and John went to the store, Mary gave a drink to", "correct": " Mary", "wrong": " John"},
+    {"clean": IOI, "corrupt": "When Mary and John went to the store, Mary gave a drink to",
+     "correct": " Mary", "wrong": " John"},
     {"clean": "When John and Mary went to the store, Mary gave a drink to",
      "corrupt": "When John and Mary went to the store, John gave a drink to", "correct": " John", "wrong": " Mary"},
 ]}
 
 SERVER_DATA: dict[str, Path] = {}  # the running server's data dir, for tests that store results directly
 
-assert Path(CHROMIUM).exists(), f"no chromium at {CHROMIUM}: `make test` installs Debian's chromium (or set LNSCOPE_CHROMIUM)"
+assert Path(CHROMIUM).exists(), (
+    f"no chromium at {CHROMIUM}: `make test` installs Debian's chromium (or set LNSCOPE_CHROMIUM)"
+)
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -205,7 +208,8 @@ def test_dla_runs_and_every_role_has_a_heatmap(page, server, shots):
     for key in ("ln-free-original", "control-original"):
         assert len(plot_z(page, f"dla-diff-{key}")) == 2
     # one colour range for every role
-    ranges = page.evaluate("() => ['original','ln_free','control'].map(r => document.getElementById('dla-heads-' + r).data[0].zmax)")
+    ranges = page.evaluate("() => ['original','ln_free','control']"
+                           ".map(r => document.getElementById('dla-heads-' + r).data[0].zmax)")
     assert len(set(ranges)) == 1
     assert page.locator("#dla-errors .main-svg").count() >= 1
     shot(page, shots, "dla")
@@ -218,8 +222,10 @@ def test_ln_treatment_toggle_changes_the_original_not_ln_free(page, server, shot
                            arg=json.dumps(before["original"]))
     after = {r: plot_z(page, f"dla-heads-{r}") for r in ROLES}
     scale = max(abs(v) for row in before["original"] for v in row)
-    assert max(abs(a - b) for ra, rb in zip(after["original"], before["original"]) for a, b in zip(ra, rb)) > 1e-6 * scale
-    assert all(abs(a - b) <= 1e-6 * max(1.0, scale) for ra, rb in zip(after["ln_free"], before["ln_free"]) for a, b in zip(ra, rb))
+    assert max(abs(a - b)
+               for ra, rb in zip(after["original"], before["original"]) for a, b in zip(ra, rb)) > 1e-6 * scale
+    assert all(abs(a - b) <= 1e-6 * max(1.0, scale)
+               for ra, rb in zip(after["ln_free"], before["ln_free"]) for a, b in zip(ra, rb))
     assert "treatment=raw" in page.url
     shot(page, shots, "dla-raw")
 
@@ -247,7 +253,8 @@ def test_other_result_views(page, server, shots):
         "ln-stats": ["#ln-scale-original", "#ln-resid-norms", "#ln-norm-map-ln_free"],
         "loss": ["#loss-bars", "#loss-positions"],
         "confidence-neurons": ["#conf-scatter-original", "#conf-effects-control", "#conf-fraction"],
-        "patching-fidelity": ["#patch-activation-original", "#patch-atp-ln_free", "#patching-scatter", "#patching-stats"],
+        "patching-fidelity": ["#patch-activation-original", "#patch-atp-ln_free", "#patching-scatter",
+                              "#patching-stats"],
         "attribution-patching": ["#patch-atp-original", "#patch-atp-control"],
     }
     kinds = {k["name"] for k in api(server, "/kinds")}
@@ -279,8 +286,9 @@ def test_history_lists_results_and_links_to_them(page, server, shots):
 
 
 def test_long_job_shows_progress_and_stage(page, server, shots):
-    job = httpx.post(f"{server}/api/v1/analyses/probe", json={"pair": "local", "prompts": [IOI],
-                                                                "options": {"stages": 12, "sleep_s": 0.4, "tag": "ui"}}, timeout=30)
+    job = httpx.post(f"{server}/api/v1/analyses/probe",
+                     json={"pair": "local", "prompts": [IOI], "options": {"stages": 12, "sleep_s": 0.4, "tag": "ui"}},
+                     timeout=30)
     assert job.status_code == 202, job.text
     job_id = job.json()["id"]
     page.goto(f"{server}/#/job/{job_id}")
@@ -317,12 +325,13 @@ def synthetic_graph(seed: int = 0, drop: tuple[int, ...] = (), extra: int = 0) -
         feats.append({"node_id": f"1_{900 + j}_9", "feature": 900 + j, "layer": "1", "ctx_idx": 9,
                       "feature_type": "cross layer transcoder", "influence": 0.15, "activation": 1.0})
     nodes += feats
-    nodes.append({"node_id": "0_1_9", "feature": -1, "layer": "1", "ctx_idx": 9, "feature_type": "mlp reconstruction error",
-                  "influence": 0.6})
+    nodes.append({"node_id": "0_1_9", "feature": -1, "layer": "1", "ctx_idx": 9,
+                  "feature_type": "mlp reconstruction error", "influence": 0.6})
     nodes.append({"node_id": "3_42_9", "feature": 42, "layer": "3", "ctx_idx": 9, "feature_type": "logit",
                   "is_target_logit": True, "token_prob": 0.4, "clerp": 'Output " Mary" (p=0.400)'})
     for f in feats:
-        src = f"E_{f['ctx_idx']}_{f['ctx_idx']}" if f["layer"] == "0" else rng.choice([g for g in feats if g["layer"] == "0"])["node_id"]
+        src = (f"E_{f['ctx_idx']}_{f['ctx_idx']}" if f["layer"] == "0"
+               else rng.choice([g for g in feats if g["layer"] == "0"])["node_id"])
         links.append({"source": src, "target": f["node_id"], "weight": round(rng.uniform(-1, 3), 3)})
         if f["layer"] == "1":
             links.append({"source": f["node_id"], "target": "3_42_9", "weight": round(rng.uniform(-2, 4), 3)})
@@ -336,8 +345,8 @@ def synthetic_graph(seed: int = 0, drop: tuple[int, ...] = (), extra: int = 0) -
             {"tokens": ["When", " Mary", " and", " John"], "tokens_acts_list": [0.0, 5.2, 0.3, 1.1],
              "train_token_ind": 1, "is_repeated_datapoint": False}]}],
     } for f in feats}
-    return {"metadata": {"slug": f"synthetic-{seed}", "scan": "synthetic", "prompt_tokens": tokens, "prompt": "".join(tokens[1:]),
-                         "node_threshold": 0.8},
+    return {"metadata": {"slug": f"synthetic-{seed}", "scan": "synthetic", "prompt_tokens": tokens,
+                         "prompt": "".join(tokens[1:]), "node_threshold": 0.8},
             "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": nodes, "links": links, "features": features}
 
@@ -366,7 +375,8 @@ def test_circuit_view_graph_node_and_feature_page(page, server, shots, tmp_path)
         assert availability.get_attribute("data-available") == "true"
     # a circuit-tracer graph file (two roles, for the diff) opened from disk
     graph_file = tmp_path / "graph.json"
-    graph_file.write_text(json.dumps({"roles": {"original": synthetic_graph(0), "ln_free": synthetic_graph(0, drop=(3,), extra=2)}}))
+    graph_file.write_text(json.dumps({"roles": {"original": synthetic_graph(0),
+                                                "ln_free": synthetic_graph(0, drop=(3,), extra=2)}}))
     page.set_input_files("#graph-file", str(graph_file))
     page.wait_for_selector("#circuit-graph .main-svg")
     counts = page.locator("#circuit-counts").inner_text()
@@ -379,7 +389,8 @@ def test_circuit_view_graph_node_and_feature_page(page, server, shots, tmp_path)
     assert page.locator("#feature-page .logit-list.up li").count() == 3
     shot(page, shots, "circuit")
     # client-side pruning: a lower node threshold keeps fewer nodes
-    page.evaluate("() => { const s = document.getElementById('node-threshold'); s.value = '0.2'; s.dispatchEvent(new Event('input')); }")
+    page.evaluate("() => { const s = document.getElementById('node-threshold'); "
+                  "s.value = '0.2'; s.dispatchEvent(new Event('input')); }")
     page.wait_for_function("(c) => document.getElementById('circuit-counts').textContent !== c", arg=counts)
     # role toggle and diff mode: gained and lost nodes against the original
     page.click('#circuit-role button[data-value="ln_free"]')
@@ -404,7 +415,8 @@ def test_circuit_diff_from_home_node_click_feature_page_and_permalink(page, serv
     assert set(result["roles"]) == {"original", "ln_free"} and result["diff"]["matched_nodes"]
     # a transcoder feature node drawn in the ln_free graph (ids "<layer>_<feature>_<pos>", layer < n_layers)
     node_id = page.evaluate("""() => {
-        const ids = document.getElementById('circuit-graph').data.flatMap(t => t.mode === 'markers' ? (t.customdata || []) : []);
+        const ids = document.getElementById('circuit-graph').data"""
+                            """.flatMap(t => t.mode === 'markers' ? (t.customdata || []) : []);
         return ids.find(id => /^[01]_\\d+_\\d+$/.test(id));
     }""")
     assert node_id, "no feature node drawn"

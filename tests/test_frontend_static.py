@@ -19,7 +19,8 @@ FRONTEND_DIR = frontend_dir()
 JS_DIR = FRONTEND_DIR / "js"
 JS_FILES = sorted(JS_DIR.rglob("*.js"))
 # import x from "./a.js"; import {a} from "../b.js"; export {c} from "./c.js"; import "./d.js"; import("./e.js")
-IMPORT_RE = re.compile(r"""(?:^|[;\s])(?:import|export)\s*(?:[\w*{}\s,$]+?\s*from\s*)?["']([^"']+)["']|\bimport\(\s*["']([^"']+)["']\s*\)""", re.M)
+IMPORT_RE = re.compile(r"""(?:^|[;\s])(?:import|export)\s*(?:[\w*{}\s,$]+?\s*from\s*)?["']([^"']+)["']"""
+                       r"""|\bimport\(\s*["']([^"']+)["']\s*\)""", re.M)
 REMOTE_RE = re.compile(r"""(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}[/"')]""", re.I)
 
 
@@ -77,7 +78,8 @@ def test_index_html_references_only_local_urls():
         assert value.startswith(("/", "#", "data:")), f"<{tag} {name}={value!r}>: use an absolute local path"
 
 
-@pytest.mark.parametrize("path", [FRONTEND_DIR / "index.html", *sorted((FRONTEND_DIR / "css").glob("*.css")), *JS_FILES],
+@pytest.mark.parametrize("path",
+                         [FRONTEND_DIR / "index.html", *sorted((FRONTEND_DIR / "css").glob("*.css")), *JS_FILES],
                          ids=lambda p: str(p.relative_to(FRONTEND_DIR)))
 def test_no_remote_urls_anywhere(path):
     text = path.read_text()

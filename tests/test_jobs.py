@@ -10,13 +10,12 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from lnscope.analysis.kinds import KINDS
 from lnscope.analysis.loading import ModelCache
 from lnscope.analysis.pairs import PairRegistry
 from lnscope.server.app import create_app
-from lnscope.analysis.kinds import KINDS
 from lnscope.server.settings import Settings
 from lnscope.server.storage import Store
-
 from tests.probe_kind import GATE, MAX_CONCURRENT, PROBE, RUNNING
 
 
@@ -206,15 +205,18 @@ def test_bearer_token_guards_everything_but_health(probe_kind, config):
 
 def test_cors_origins_are_configurable(probe_kind, config):
     with make_client(config, cors_origins=["http://lab.example"]) as client:
-        r = client.options("/api/v1/models", headers={"Origin": "http://lab.example", "Access-Control-Request-Method": "GET"})
+        r = client.options("/api/v1/models",
+                           headers={"Origin": "http://lab.example", "Access-Control-Request-Method": "GET"})
         assert r.headers.get("access-control-allow-origin") == "http://lab.example"
-        r = client.options("/api/v1/models", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
+        r = client.options("/api/v1/models",
+                           headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
         assert r.headers.get("access-control-allow-origin") is None
 
 
 def test_a_model_that_cannot_load_is_409(probe_kind, config, trio_dirs):
     (config / "lnscope.toml").write_text(
-        f'[pairs.broken]\noriginal = {{ path = "{trio_dirs["original"]}" }}\nln_free = {{ path = "{trio_dirs["original"]}" }}\n')
+        f'[pairs.broken]\noriginal = {{ path = "{trio_dirs["original"]}" }}\n'
+        f'ln_free = {{ path = "{trio_dirs["original"]}" }}\n')
     with make_client(config) as client:
         r = client.post("/api/v1/analyses/probe?wait=true", json={**body(), "pair": "broken"})
         assert r.status_code == 409 and "registered as `ln_free`" in r.json()["detail"]

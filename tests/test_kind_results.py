@@ -19,7 +19,7 @@ from lnscope.server.settings import Settings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kind_results.json"
 ROWS = json.loads(FIXTURE.read_text())
-REL, ABS = 1e-6, 1e-9
+REL, ABS = 1e-5, 1e-7  # float32 results: reductions may split differently across threads between runs
 SKIPPED = {"manifest", "seconds"}
 
 

@@ -108,7 +108,8 @@ def test_ln_free_has_no_scales_but_reports_its_constants(trio_dirs, stats):
     expect = [m.ln_1 for m in hf.transformer.h]
     assert [f.site for f in res.frozen] == ["ln1", "ln2"] * len(expect) + ["ln_final"]
     for f in res.frozen:
-        module = hf.transformer.ln_f if f.site == "ln_final" else getattr(hf.transformer.h[f.layer], "ln_1" if f.site == "ln1" else "ln_2")
+        module = (hf.transformer.ln_f if f.site == "ln_final"
+                  else getattr(hf.transformer.h[f.layer], "ln_1" if f.site == "ln1" else "ln_2"))
         assert f.gain_mean == pytest.approx(float(module.weight.detach().mean()) / eps**0.5, rel=1e-6)
         assert f.sigma is None and f.gamma_mean is None
     row = next(r for r in stats.layer_table if r.site == "ln_final")

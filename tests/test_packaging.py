@@ -199,3 +199,32 @@ def test_the_docker_image_installs_the_wheel_not_the_source_tree():
     assert not any(line.startswith("COPY") and any(f" {d}" in line for d in ("analysis", "server", "frontend"))
                    for line in runtime), "the runtime stage must run the installed wheel, not a copy of the source"
     assert not any("pip install" in line and (" -e " in line or line.endswith(" .")) for line in runtime)
+
+
+def test_no_committed_file_names_a_build_machine_s_absolute_path():
+    import json
+    import struct
+
+    # split literals, so that this file does not name them itself
+    needles = {str(ROOT), "/".join(("", "work", "main")), "/".join(("", "home", "")), "/".join(("", "root", ""))}
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    found = []
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        path = ROOT / name
+        if not path.is_file():
+            continue
+        if name.endswith(".safetensors"):  # the JSON header's metadata; the tensors are no text
+            with path.open("rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+            text = json.dumps(header.get("__metadata__") or {})
+        else:
+            data = path.read_bytes()
+            if b"\0" in data:  # another binary file
+                continue
+            text = data.decode("utf-8", "replace")
+        if any(needle in text for needle in needles):
+            found += [f"{name}:{i}: {line.strip()[:160]}" for i, line in enumerate(text.splitlines(), 1)
+                      if any(needle in line for needle in needles)]
+    assert not found, "committed files name a build machine's absolute path:\n" + "\n".join(found)

@@ -1,7 +1,6 @@
 """Attribution patching, AtP*, batched activation patching and fidelity, against independent references:
 TransformerLens 4.3's own patching sweeps and attribution_patch, exact linear cases, numpy statistics."""
 
-import json
 
 import numpy as np
 import pandas as pd
@@ -17,12 +16,11 @@ from lnscope.analysis.patching import (
     AtPResult,
     FidelityResult,
     TaskSetFidelity,
-    TrioResult,
     activation_patching,
     attribution_patching,
     bootstrap_mean_ci,
     normalized_error,
-    patching_fidelity_trio,
+    patching_fidelity,
     pearson,
     rankdata,
     spearman,
@@ -305,7 +303,8 @@ def test_top_k_recall_and_normalized_error_hand_examples():
     # both maps divided by act at the reference cell (argmax |act| = index 1, value -4)
     err, ref, value = normalized_error([2.0, -4.0, 1.0], [1.0, -3.0, 0.0])
     assert (ref, value) == (1, -4.0) and err == pytest.approx((1 + 1 + 1) / 4)
-    f = node_fidelity("resid_pre", "atp", torch.tensor([[2.0, -4.0], [1.0, 0.0]]), torch.tensor([[1.0, -3.0], [0.0, 0.0]]))
+    f = node_fidelity("resid_pre", "atp", torch.tensor([[2.0, -4.0], [1.0, 0.0]]),
+                      torch.tensor([[1.0, -3.0], [0.0, 0.0]]))
     assert f.reference_index == [0, 1] and f.normalized_error == pytest.approx(0.75) and f.top_k == 4
 
 
@@ -319,28 +318,21 @@ def test_bootstrap_ci():
     assert one[1].tolist() == one[2].tolist() == [1.0, 5.0]
 
 
-# --- trio, task sets, JSON ------------------------------------------------------------------------
+# --- fidelity, task sets, JSON --------------------------------------------------------------------
 
-def test_trio_fidelity_manifest_and_json_round_trip(trio_dirs, models, pair):
+def test_normalised_fidelity_and_json_round_trip(models, pair):
     clean, corrupt = pair
-    trio = dict(models)
-    trio["control"] = load_model(ModelSource(path=trio_dirs["control"]), "control", device="cpu", dtype="float64")
     seen = []
-    result = patching_fidelity_trio(trio, clean, corrupt, METRIC, pair="test", nodes=["resid_pre", "head", "head_q"],
-                                    normalize=True, progress=Progress(lambda s, f: seen.append(f)))
-    assert set(result.roles) == {"original", "ln_free", "control"} and set(result.manifest.roles) == set(result.roles)
-    assert result.manifest.pair == "test" and result.manifest.roles["ln_free"].ln_treatment == "removed"
+    fid = patching_fidelity(models["original"], clean, corrupt, METRIC, ["resid_pre", "head", "head_q"],
+                            normalize=True, progress=Progress(lambda s, f: seen.append(f)))
     assert seen == sorted(seen) and seen[-1] == 1.0
-    fid = result.roles["original"]
     assert {(f.node_type, f.method) for f in fid.fidelity} == {
         ("resid_pre", "atp"), ("head", "atp"), ("head", "atp_star"), ("head_q", "atp"), ("head_q", "atp_star")}
     # normalised: effects are raw effects / (mean clean - mean corrupt)
-    raw = activation_patching(trio["original"], clean, corrupt, METRIC, ["resid_pre"])
+    raw = activation_patching(models["original"], clean, corrupt, METRIC, ["resid_pre"])
     assert torch.allclose(fid.activation.effects["resid_pre"].tensor() * raw.metric.denominator,
                           raw.effects["resid_pre"].tensor(), atol=1e-12)
-    text = result.model_dump_json()
-    back = TrioResult[FidelityResult].model_validate_json(text)
-    assert back == result and json.loads(text)["kind"] == "patching_fidelity"
+    assert FidelityResult.model_validate_json(fid.model_dump_json()) == fid
 
 
 def test_task_set_fidelity_and_json_round_trip(models):
@@ -373,7 +365,7 @@ def test_results_round_trip_and_cancel(models, pair):
     model = models["original"]
     atp = attribution_patching(model, clean, corrupt, METRIC, ["resid_pre", "head", "head_k_pos"])
     assert AtPResult.model_validate_json(atp.model_dump_json()) == atp
-    assert atp.manifest.kind == "attribution_patching" and atp.atp["resid_pre"].shape == [2, N_POS]
+    assert atp.atp["resid_pre"].shape == [2, N_POS]
     assert atp.atp["head_k_pos"].axis_labels["head"] == ["H0", "H1", "H2", "H3"]
     with pytest.raises(Cancelled):
         activation_patching(model, clean, corrupt, METRIC, ["resid_pre"], progress=Progress(should_cancel=lambda: True))

@@ -20,8 +20,8 @@ from lnscope.analysis.remove_ln import (
     Schedule,
     fold_v_scale,
     released_ln_free_model,
-    remove_layernorm,
     removal_order,
+    remove_layernorm,
 )
 from lnscope.analysis.remove_ln.train import DataOrder, split_documents, tokenize_documents
 from tests.checkpoints import TEXT, make_tokenizer
@@ -315,7 +315,8 @@ def test_resume_continues_exactly(trained, src_dir, train_tokens, tmp_path):
     out = tmp_path / "resumed"
     first = remove_layernorm(src_dir, out, small_config(stop_at_step=6), train_tokens=train_tokens, progress=False)
     assert not first.completed and first.ln_free_dir is None
-    assert sorted(p.name for p in (out / "checkpoints" / "ln_free").glob("*.pt")) == ["step_0000004.pt", "step_0000006.pt"]
+    assert sorted(p.name for p in (out / "checkpoints" / "ln_free").glob("*.pt")) == [
+        "step_0000004.pt", "step_0000006.pt"]
     with pytest.raises(ConfigError):  # no silent overwrite of a half-done run
         remove_layernorm(src_dir, out, small_config(), train_tokens=train_tokens, progress=False)
     with pytest.raises(ConfigError):  # settings must match the checkpoint's

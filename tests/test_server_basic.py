@@ -45,7 +45,8 @@ def test_models_lists_pairs_roles_and_load_state(app):
 
 def test_a_pair_that_cannot_load_reports_why_and_the_server_keeps_serving(trio_dirs, tmp_path):
     (tmp_path / "lnscope.toml").write_text(
-        f'[pairs.broken]\noriginal = {{ path = "{trio_dirs["original"]}" }}\nln_free = {{ path = "{trio_dirs["original"]}" }}\n'
+        f'[pairs.broken]\noriginal = {{ path = "{trio_dirs["original"]}" }}\n'
+        f'ln_free = {{ path = "{trio_dirs["original"]}" }}\n'
     )
     app = create_app(Settings(device="cpu", pair="broken"), registry=PairRegistry.load(), cache=ModelCache())
     with TestClient(app) as client:  # preload runs in the background

@@ -58,10 +58,12 @@ def test_sigkill_mid_job_keeps_finished_results_and_reports_the_interrupted_job(
     body = {"pair": "local", "prompts": ["When Mary and John went to the store"]}
     proc = start(env, port)
     try:
-        done = httpx.post(f"{base}/analyses/probe?wait=true&timeout=60", json={**body, "options": {"tag": "first"}}, timeout=90)
+        done = httpx.post(f"{base}/analyses/probe?wait=true&timeout=60", json={**body, "options": {"tag": "first"}},
+                          timeout=90)
         assert done.status_code == 200, done.text
         finished = done.json()
-        long = httpx.post(f"{base}/analyses/probe", json={**body, "options": {"tag": "long", "stages": 100, "sleep_s": 0.5}}, timeout=30)
+        long = httpx.post(f"{base}/analyses/probe",
+                          json={**body, "options": {"tag": "long", "stages": 100, "sleep_s": 0.5}}, timeout=30)
         assert long.status_code == 202
         job_id = long.json()["id"]
         deadline = time.time() + 60

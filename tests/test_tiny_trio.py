@@ -3,17 +3,19 @@
 import json
 
 import pytest
-import torch
 
 from lnscope.analysis.checks import check_model
-from lnscope.analysis.confidence_neurons import confidence_neurons_trio
-from lnscope.analysis.dla import DLATarget, dla_trio
+from lnscope.analysis.dla import DLATarget
 from lnscope.analysis.eval_text import pair_eval_text
 from lnscope.analysis.evaluation import evaluate_trio
+from lnscope.analysis.kinds import KINDS, Inputs
+from lnscope.analysis.kinds.confidence import ConfidenceOptions
+from lnscope.analysis.kinds.dla import DLAOptions
+from lnscope.analysis.kinds.patching import ActPatchOptions, AtPOptions
 from lnscope.analysis.ln_stats import text_sequences
 from lnscope.analysis.loading import ModelCache
 from lnscope.analysis.pairs import PairRegistry, models_dir
-from lnscope.analysis.patching import activation_patching_trio, attribution_patching_trio
+from lnscope.analysis.pipeline import run_units
 from lnscope.analysis.tasks import evaluate_task, make_ioi
 from lnscope.analysis.tasks.base import pad_id, pad_right
 
@@ -79,7 +81,9 @@ def test_ioi_and_greater_than_bars_on_held_out_prompts(quality):
 
 def test_ioi_head_attribution_and_resid_pre_patching_for_all_roles(models):
     batch = make_ioi(models["original"].tokenizer, n_prompts=8, seed=1, split="heldout")
-    dla = dla_trio(models, batch.clean_tokens, DLATarget.from_task(batch), pair="tiny", n_bootstrap=100)
+    dla = run_units(KINDS["dla"], models,
+                    Inputs(tokens=batch.clean_tokens, extra={"target": DLATarget.from_task(batch)}),
+                    DLAOptions(n_bootstrap=100))
     n_layers, n_heads = models["original"].bridge.cfg.n_layers, models["original"].bridge.cfg.n_heads
     for role in ROLES:
         heads = dla.roles[role].treatments["cached_scale"].heads
@@ -87,8 +91,9 @@ def test_ioi_head_attribution_and_resid_pre_patching_for_all_roles(models):
     assert dla.roles["ln_free"].errors["cached_scale"].nmae.value < 1e-3
     assert dla.roles["original"].errors["cached_scale"].nmae.value > 0
 
-    atp = attribution_patching_trio(models, batch.clean_tokens, batch.corrupt_tokens, batch, nodes=["resid_pre"])
-    act = activation_patching_trio(models, batch.clean_tokens, batch.corrupt_tokens, batch, nodes=["resid_pre"])
+    task = Inputs(task=batch)
+    atp = run_units(KINDS["attribution-patching"], models, task, AtPOptions(nodes=["resid_pre"]))
+    act = run_units(KINDS["activation-patching"], models, task, ActPatchOptions(nodes=["resid_pre"]))
     for role in ROLES:
         shape = [n_layers, batch.clean_tokens.shape[1]]
         assert atp.roles[role].atp["resid_pre"].shape == shape
@@ -102,7 +107,8 @@ def test_entropy_neuron_candidate_is_ln_mediated_only_with_ln():
     tokenizer = models64["original"].tokenizer
     seqs = text_sequences(tokenizer, pair_eval_text(pair)[:16], 128, max_tokens=1500)
     tokens = pad_right(seqs, pad_id(tokenizer))
-    result = confidence_neurons_trio(models64, tokens, pair="tiny", lengths=[len(s) for s in seqs], top_n=10)
+    inputs = Inputs(extra={"tokens": tokens, "lengths": [len(s) for s in seqs]})
+    result = run_units(KINDS["confidence-neurons"], models64, inputs, ConfidenceOptions(top_n=10), pair=pair)
     top = result.top_candidate
     assert top is not None
     fractions = {role: v.ln_mediated_fraction_loss for role, v in top.by_role.items()}

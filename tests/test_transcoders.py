@@ -47,7 +47,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def models(trio_dirs):
-    return {r: load_model(ModelSource(path=trio_dirs[r]), r, device="cpu", dtype="float32") for r in ("original", "ln_free")}
+    return {r: load_model(ModelSource(path=trio_dirs[r]), r, device="cpu", dtype="float32")
+            for r in ("original", "ln_free")}
 
 
 def _np_forward(tc: Transcoder, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -31,8 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help='a custom task: a JSON list of {"clean", "corrupt", "correct", "wrong"}')
     p.add_argument("--n-prompts", type=int, default=16)
     p.add_argument("--split", default="heldout", choices=["heldout", "train", "all"])
-    p.add_argument("--text-file", type=Path, help="text for loss / ln-stats / confidence-neurons (blank-line separated)")
-    p.add_argument("--options", default="{}", help='options as JSON, e.g. \'{"target": {"kind": "logit", "token": " Paris"}}\'')
+    p.add_argument("--text-file", type=Path,
+                   help="text for loss / ln-stats / confidence-neurons (blank-line separated)")
+    p.add_argument("--options", default="{}",
+                   help='options as JSON, e.g. \'{"target": {"kind": "logit", "token": " Paris"}}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompts", type=int, default=256)
     p.add_argument("--device")

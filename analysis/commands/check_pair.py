@@ -45,12 +45,14 @@ def _sources(args: argparse.Namespace) -> tuple[str, dict[str, ModelSource]]:
 
 
 def format_table(result: PairCheck) -> str:
-    header = f"{'role':<9} {'device':<7} {'dtype':<9} {'load s':>7} {'max_rel_logit_error':>20} {'dla_sum_rel_error':>18}  source"
+    header = (f"{'role':<9} {'device':<7} {'dtype':<9} {'load s':>7} "
+              f"{'max_rel_logit_error':>20} {'dla_sum_rel_error':>18}  source")
     lines = [f"pair {result.pair}", header]
     for r in result.roles:
         dla = f"{r.dla_sum_rel_error:.2e}" + ("" if r.dla_final_scale == "none" else "*")
         lines.append(
-            f"{r.role:<9} {r.device:<7} {r.dtype:<9} {r.load_seconds:>7.2f} {r.max_rel_logit_error:>20.2e} {dla:>18}  {r.source}"
+            f"{r.role:<9} {r.device:<7} {r.dtype:<9} {r.load_seconds:>7.2f} "
+            f"{r.max_rel_logit_error:>20.2e} {dla:>18}  {r.source}"
         )
     if any(r.dla_final_scale == "frozen" for r in result.roles):
         lines.append("* model with LN: DLA sum with the final LN scale frozen at its cached value")

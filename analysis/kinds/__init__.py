@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from lnscope.analysis.kinds import circuits, confidence, dla, ln_stats, patching
 from lnscope.analysis.kinds.base import (
-    CombineContext, Inputs, Kind, KindOptions, Limits, NoOptions, RequestError, TargetIn, UnitContext,
+    CombineContext,
+    Inputs,
+    Kind,
+    KindOptions,
+    Limits,
+    NoOptions,
+    RequestError,
+    TargetIn,
+    UnitContext,
 )
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (

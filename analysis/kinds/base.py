@@ -174,7 +174,8 @@ def single_token(tokenizer, text: str, loc: list[str | int]) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
-        raise RequestError(loc, f"{text!r} is {len(ids)} tokens {pieces} for this pair's tokenizer; give a single token")
+        raise RequestError(loc,
+                           f"{text!r} is {len(ids)} tokens {pieces} for this pair's tokenizer; give a single token")
     return ids[0]
 
 

@@ -13,17 +13,30 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from lnscope.analysis.kinds.base import (
-    CombineContext, Inputs, KindOptions, Limits, RequestError, TargetIn, UnitContext, single_token,
+    CombineContext,
+    Inputs,
+    KindOptions,
+    Limits,
+    RequestError,
+    TargetIn,
+    UnitContext,
+    single_token,
 )
 from lnscope.analysis.pairs import PairSpec
 from lnscope.analysis.results import Manifest
-from lnscope.analysis.transcoders.diff import CircuitDiff, FeatureMatching, diff_graphs, match_features
+from lnscope.analysis.transcoders.diff import CircuitDiff, diff_graphs
 from lnscope.analysis.transcoders.features import FeatureIndex, FeaturePage, feature_page
 from lnscope.analysis.transcoders.formats import (
-    FileCache, TranscoderFormatError, cached_transcoders_for, load_transcoders, missing_transcoders_message,
-    transcoder_dir, transcoder_fingerprint,
+    FileCache,
+    TranscoderFormatError,
+    cached_transcoders_for,
+    load_transcoders,
+    missing_transcoders_message,
+    transcoder_dir,
+    transcoder_fingerprint,
 )
 from lnscope.analysis.transcoders.graph import AttributionGraph, CTGraphJSON, GraphPath, GraphSummary, attribute
+from lnscope.analysis.transcoders.matching import FeatureMatching, match_features
 
 
 def transcoder_resources(pair: PairSpec, roles: list[str]) -> dict[str, Any]:
@@ -150,7 +163,7 @@ def combine_circuit_diff(partials: Mapping[str, CircuitPartial], ctx: CombineCon
     o: CircuitOptions = ctx.options
     (a, part_a), (b, part_b) = partials.items()
     diff = diff_graphs(part_a.graph, part_b.graph, pair_feature_matching(ctx.pair, a, b),
-                       node_threshold=o.node_threshold, edge_threshold=o.edge_threshold, pair=ctx.pair_name)
+                       node_threshold=o.node_threshold, edge_threshold=o.edge_threshold)
     return CircuitDiffResult(manifest=ctx.manifest, prompt=ctx.inputs.texts[0], diff=diff,
                              roles={role: p.role for role, p in partials.items()})
 
@@ -171,7 +184,8 @@ def summarize_circuit(result: CircuitResult | CircuitDiffResult) -> str:
 # -- feature pages ----------------------------------------------------------------------------
 class FeatureOptions(KindOptions):
     layer: int = Field(ge=0, le=1000, examples=[1])
-    feature: int = Field(ge=0, le=10_000_000, examples=[42], description="the feature's index in its layer's transcoder")
+    feature: int = Field(ge=0, le=10_000_000, examples=[42],
+                         description="the feature's index in its layer's transcoder")
     n_contexts: int | None = Field(default=None, ge=1, le=100, description="top contexts shown (default: all indexed)")
     n_tokens: int = Field(default=10, ge=1, le=100, description="promoted and suppressed tokens listed")
 
@@ -209,8 +223,7 @@ def feature_unit(ctx: UnitContext) -> FeaturePage:
         raise TranscoderFormatError(
             f"the feature index of {ctx.role} does not cover layer {o.layer} feature {o.feature} (indexed layers "
             f"{index.layers}); rebuild it with `lnscope train-transcoders` or build_feature_index")
-    return feature_page(ctx.model, tset, index, o.layer, o.feature, n_contexts=o.n_contexts, n_tokens=o.n_tokens,
-                        pair=ctx.pair_name)
+    return feature_page(ctx.model, tset, index, o.layer, o.feature, n_contexts=o.n_contexts, n_tokens=o.n_tokens)
 
 
 def combine_feature(partials: Mapping[str, FeaturePage], ctx: CombineContext) -> FeatureResult:

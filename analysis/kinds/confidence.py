@@ -51,7 +51,6 @@ def unit(ctx: UnitContext) -> ConfidencePartial:
         ctx.model, ctx.inputs.extra["tokens"], layer=layer, candidates=idx, k=o.k, top_n=o.top_n,
         lengths=ctx.inputs.extra["lengths"], propagate=o.propagate, rank_by=o.rank_by, pair=ctx.pair_name,
         progress=ctx.progress, _candidate_source=source)
-    result.manifest = None  # the result's one manifest covers every role
     return ConfidencePartial(result=result, candidates=list(idx))
 
 
@@ -72,7 +71,8 @@ def combine(partials: Mapping[str, ConfidencePartial], ctx: CombineContext) -> c
 
 
 def summarize(result: cn.ConfidenceResult) -> str:
-    lines = [f"{'role':<9} {'neuron':>8} {'norm':>7} {'rho':>6} {'|dLoss| total':>14} {'direct':>9} {'LN-mediated':>12}"]
+    lines = [f"{'role':<9} {'neuron':>8} {'norm':>7} {'rho':>6} "
+             f"{'|dLoss| total':>14} {'direct':>9} {'LN-mediated':>12}"]
     for role, r in result.roles.items():
         for n in r.neurons[:5]:
             frac = "-" if n.ln_mediated_fraction_loss is None else f"{n.ln_mediated_fraction_loss:.3f}"

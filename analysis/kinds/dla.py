@@ -9,7 +9,14 @@ from pydantic import Field
 from lnscope.analysis import dla as dla_module
 from lnscope.analysis.dla import DLAModelResult, DLAResult, DLATarget, head_differences
 from lnscope.analysis.kinds.base import (
-    CombineContext, Inputs, KindOptions, Limits, RequestError, TargetIn, UnitContext, single_token,
+    CombineContext,
+    Inputs,
+    KindOptions,
+    Limits,
+    RequestError,
+    TargetIn,
+    UnitContext,
+    single_token,
 )
 
 

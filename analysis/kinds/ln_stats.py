@@ -8,7 +8,14 @@ from pydantic import Field
 
 from lnscope.analysis.kinds.base import CombineContext, Inputs, KindOptions, Limits, RequestError, UnitContext
 from lnscope.analysis.ln_stats import (
-    LNStatsModelResult, LNStatsResult, LossModelResult, LossResult, ce_table, ln_layer_table, ln_stats, loss,
+    LNStatsModelResult,
+    LNStatsResult,
+    LossModelResult,
+    LossResult,
+    ce_table,
+    ln_layer_table,
+    ln_stats,
+    loss,
     text_sequences,
 )
 from lnscope.analysis.tasks.base import pad_id, pad_right

@@ -19,7 +19,8 @@ from lnscope.analysis.patching.results import ActPatchResult, AtPResult, TaskSet
 NodeName = Literal["resid_pre", "head", "head_pos", "head_q", "head_k", "head_v", "head_q_pos", "head_k_pos",
                    "head_v_pos", "mlp", "neuron", "neuron_pos"]
 GROUND_TRUTH_NODES = ["resid_pre", "head", "head_pos", "mlp"]
-CHUNK_SIZE = Field(default=None, ge=1, le=1024, description="patched nodes per forward pass (default: 8 on CPU, 32 on GPU)")
+CHUNK_SIZE = Field(default=None, ge=1, le=1024,
+                   description="patched nodes per forward pass (default: 8 on CPU, 32 on GPU)")
 
 
 class AtPOptions(KindOptions):
@@ -76,8 +77,6 @@ def combine_roles(kind: str):
     """The combine step of a patching kind: the roles side by side under the result's manifest."""
 
     def combine(partials: Mapping[str, Any], ctx: CombineContext) -> TrioResult:
-        for partial in partials.values():
-            partial.manifest = None  # the result's one manifest covers every role
         return TrioResult(kind=kind, roles=dict(partials), manifest=ctx.manifest)
 
     combine.__name__ = f"combine_{kind.replace('-', '_')}"

@@ -641,7 +641,7 @@ def act_patch_tensors(
                            shortcuts=shortcuts.taken())
 
 
-def act_patch_result(model: Any, t: ActPatchTensors, *, normalize: bool, manifest=None) -> ActPatchResult:
+def act_patch_result(model: Any, t: ActPatchTensors, *, normalize: bool) -> ActPatchResult:
     summary, factor = MetricSummary.build(t.clean_metric, t.corrupt_metric, normalize)
     effects = {n: NodeMap.from_tensor(n, ["layer", *NODE_TYPES[n].axes], v.mean(0) * factor)
                for n, v in t.per_prompt.items()}
@@ -650,7 +650,6 @@ def act_patch_result(model: Any, t: ActPatchTensors, *, normalize: bool, manifes
         role=role_of(model), node_types=t.node_types, n_prompts=int(t.clean_metric.shape[0]), n_pos=int(n_pos),
         chunk_size=t.chunk_size, n_forward_passes=t.n_forward_passes,
         n_unchanged_nodes=t.n_unchanged_nodes, shortcuts=t.shortcuts, metric=summary, effects=effects,
-        manifest=manifest,
     )
 
 
@@ -671,15 +670,9 @@ def activation_patching(
     batch). Effects are batch means of patched - corrupt, in metric units, or divided by
     mean(clean) - mean(corrupt) when `normalize`.
     """
-    from lnscope.analysis.results import make_manifest
-
     t = act_patch_tensors(model, clean_tokens, corrupt_tokens, metric_from(metric_fn), nodes,
                           chunk_size=chunk_size, progress=progress)
-    manifest = None
-    if hasattr(model, "manifest"):
-        manifest = make_manifest("activation_patching", {role_of(model): model},
-                                 options={"nodes": t.node_types, "chunk_size": t.chunk_size, "normalize": normalize})
-    return act_patch_result(model, t, normalize=normalize, manifest=manifest)
+    return act_patch_result(model, t, normalize=normalize)
 
 
 

@@ -263,7 +263,7 @@ def atp_tensors(
     )
 
 
-def atp_result(model: Any, t: AtPTensors, *, qk_fix: bool, normalize: bool, manifest=None) -> AtPResult:
+def atp_result(model: Any, t: AtPTensors, *, qk_fix: bool, normalize: bool) -> AtPResult:
     """Batch means of the per-prompt estimates as typed maps (optionally divided by clean - corrupt)."""
     summary, factor = MetricSummary.build(t.clean_metric, t.corrupt_metric, normalize)
     any_map = next(iter(t.per_prompt.values()))
@@ -274,7 +274,7 @@ def atp_result(model: Any, t: AtPTensors, *, qk_fix: bool, normalize: bool, mani
     n_pos = int(_n_pos(t))
     return AtPResult(
         role=role_of(model), node_types=t.node_types, n_prompts=int(any_map.shape[0]), n_pos=n_pos,
-        qk_fix=qk_fix, metric=summary, atp=maps(t.per_prompt), atp_star=maps(t.star_per_prompt), manifest=manifest,
+        qk_fix=qk_fix, metric=summary, atp=maps(t.per_prompt), atp_star=maps(t.star_per_prompt),
     )
 
 
@@ -303,14 +303,9 @@ def attribution_patching(
     mean(clean metric) - mean(corrupt metric) when `normalize`.
     """
     from lnscope.analysis.patching.nodes import metric_from
-    from lnscope.analysis.results import make_manifest
 
     t = atp_tensors(model, clean_tokens, corrupt_tokens, metric_from(metric_fn), nodes, qk_fix=qk_fix,
                     progress=progress)
-    manifest = None
-    if hasattr(model, "manifest"):
-        manifest = make_manifest("attribution_patching", {role_of(model): model},
-                                 options={"nodes": t.node_types, "qk_fix": qk_fix, "normalize": normalize})
-    result = atp_result(model, t, qk_fix=qk_fix, normalize=normalize, manifest=manifest)
+    result = atp_result(model, t, qk_fix=qk_fix, normalize=normalize)
     ensure(progress).stage("attribution patching: done", 1.0)
     return result

@@ -155,16 +155,8 @@ def patching_fidelity(
     progress: Progress | None = None,
 ) -> FidelityResult:
     """AtP, AtP* and activation patching at the same nodes for one model and prompt group, side by side."""
-    from lnscope.analysis.results import make_manifest
-
-    run = _run_group(model, clean_tokens, corrupt_tokens, metric_from(metric_fn), nodes, qk_fix=qk_fix,
-                     chunk_size=chunk_size, normalize=normalize, top_k=top_k, progress=progress)
-    if hasattr(model, "manifest"):
-        run.result.manifest = make_manifest(
-            "patching_fidelity", {role_of(model): model},
-            options={"nodes": run.result.atp.node_types, "qk_fix": qk_fix, "chunk_size": chunk_size,
-                     "normalize": normalize, "top_k": top_k})
-    return run.result
+    return _run_group(model, clean_tokens, corrupt_tokens, metric_from(metric_fn), nodes, qk_fix=qk_fix,
+                      chunk_size=chunk_size, normalize=normalize, top_k=top_k, progress=progress).result
 
 
 # --- task sets ------------------------------------------------------------------------------------
@@ -173,7 +165,8 @@ def as_group(item: Any, index: int) -> tuple[str, torch.Tensor, torch.Tensor, Me
     """A prompt group from a task batch (clean_tokens, corrupt_tokens, metric[, name]), a dict with
     those keys, or a tuple (clean, corrupt, metric) / (name, clean, corrupt, metric)."""
     if hasattr(item, "clean_tokens"):
-        return str(getattr(item, "name", f"group{index}")) + f"#{index}", item.clean_tokens, item.corrupt_tokens, item.metric
+        return (str(getattr(item, "name", f"group{index}")) + f"#{index}", item.clean_tokens, item.corrupt_tokens,
+                item.metric)
     if isinstance(item, dict):
         return (str(item.get("name", f"group{index}")), item["clean_tokens"], item["corrupt_tokens"],
                 metric_from(item["metric"]))
@@ -181,7 +174,8 @@ def as_group(item: Any, index: int) -> tuple[str, torch.Tensor, torch.Tensor, Me
         return f"group{index}", item[0], item[1], metric_from(item[2])
     if isinstance(item, (tuple, list)) and len(item) == 4:
         return str(item[0]), item[1], item[2], metric_from(item[3])
-    raise TypeError("a prompt group is a task batch, a dict, or (clean, corrupt, metric) / (name, clean, corrupt, metric)")
+    raise TypeError("a prompt group is a task batch, a dict, or (clean, corrupt, metric) / "
+                    "(name, clean, corrupt, metric)")
 
 
 def bootstrap_mean_ci(values: torch.Tensor, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95,
@@ -195,7 +189,8 @@ def bootstrap_mean_ci(values: torch.Tensor, n_bootstrap: int = 1000, seed: int =
         return mean.reshape(values.shape[1:]), mean.reshape(values.shape[1:]), mean.reshape(values.shape[1:])
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (n_bootstrap, n), generator=gen)
-    counts = torch.zeros(n_bootstrap, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    counts = torch.zeros(n_bootstrap, n, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones_like(idx, dtype=torch.float64))
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
     lo, hi = torch.empty_like(mean), torch.empty_like(mean)
     for s in range(0, flat.shape[1], chunk):
@@ -233,8 +228,6 @@ def task_set_fidelity(
     Every group must have the same prompt length (per-node maps are pooled over prompts). With
     `normalize`, each group's effects are divided by that group's mean(clean) - mean(corrupt).
     """
-    from lnscope.analysis.results import make_manifest
-
     progress = ensure(progress)
     parsed = [as_group(g, i) for i, g in enumerate(groups)]
     if not parsed:
@@ -266,14 +259,9 @@ def task_set_fidelity(
             mean, lo, hi = bootstrap_mean_ci(torch.cat([d[n] for d in per_run]), n_bootstrap, seed)
             node_maps.append(NodeMapCI(node_type=n, method=method, mean=NodeMap.from_tensor(n, axes, mean),
                                        lo=NodeMap.from_tensor(n, axes, lo), hi=NodeMap.from_tensor(n, axes, hi)))
-    manifest = None
-    if hasattr(model, "manifest"):
-        manifest = make_manifest("task_set_fidelity", {role_of(model): model}, seed=seed, options={
-            "nodes": node_types, "qk_fix": qk_fix, "chunk_size": chunk_size, "normalize": normalize,
-            "top_k": top_k, "n_bootstrap": n_bootstrap, "groups": [r.name for r in runs]})
     progress.stage("task-set fidelity: done", 1.0)
     return TaskSetFidelity(
         role=role_of(model), groups=[r.name for r in runs], n_prompts=sum(r.result.atp.n_prompts for r in runs),
         n_bootstrap=n_bootstrap, seed=seed, summaries=summaries, node_maps=node_maps,
-        per_group=[r.result for r in runs] if keep_groups else [], manifest=manifest,
+        per_group=[r.result for r in runs] if keep_groups else [],
     )

@@ -71,11 +71,11 @@ class AtPResult(BaseModel):
     metric: MetricSummary
     atp: dict[str, NodeMap]
     atp_star: dict[str, NodeMap] = Field(default_factory=dict)
-    manifest: Optional[Manifest] = None
 
 
 class ActPatchResult(BaseModel):
-    """Activation patching (denoising): effect(node) = mean_prompts metric(corrupt run, node := clean) - metric(corrupt)."""
+    """Activation patching (denoising): effect(node) = mean_prompts metric(corrupt run, node := clean) \
+- metric(corrupt)."""
 
     role: str
     node_types: list[str]
@@ -92,7 +92,6 @@ class ActPatchResult(BaseModel):
                     "read_positions, read_vocab (unembedding only the token ids the metric reads), last_mlp_read_only")
     metric: MetricSummary
     effects: dict[str, NodeMap]
-    manifest: Optional[Manifest] = None
 
 
 class NodeFidelity(BaseModel):
@@ -119,7 +118,6 @@ class FidelityResult(BaseModel):
     fidelity: list[NodeFidelity]
     atp: AtPResult
     activation: ActPatchResult
-    manifest: Optional[Manifest] = None
 
     def get(self, node_type: str, method: str = "atp") -> NodeFidelity:
         for f in self.fidelity:
@@ -168,7 +166,6 @@ class TaskSetFidelity(BaseModel):
     summaries: list[FidelitySummary]
     node_maps: list[NodeMapCI]
     per_group: list[FidelityResult] = Field(default_factory=list, description="kept when keep_groups=True")
-    manifest: Optional[Manifest] = None
 
     def summary(self, node_type: str, statistic: str, method: str = "atp") -> FidelitySummary:
         for s in self.summaries:

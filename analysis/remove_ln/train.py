@@ -39,6 +39,7 @@ import torch
 
 from lnscope.analysis.device import resolve_device
 from lnscope.analysis.errors import ConfigError, ModelLoadError
+from lnscope.analysis.pairs import PROJECT_ROOT, models_dir, portable_path
 
 from .export import export_control, export_ln_free
 from .fake_ln import FakeLNGPT2, removal_order
@@ -637,13 +638,25 @@ def _train_role(job: _Removal, role: str, model: torch.nn.Module, resume: bool,
     return run, done
 
 
+def portable_source(src: Path) -> str:
+    """The source as lnscope_removal.json records it: models/<relative> inside the models directory, relative to the
+    repository root elsewhere inside it (the file is copied between folders, so not relative to its own), else
+    absolute."""
+    resolved = src.resolve()
+    if resolved.is_relative_to(models_dir()):
+        return portable_path(resolved)
+    if resolved.is_relative_to(PROJECT_ROOT):
+        return resolved.relative_to(PROJECT_ROOT).as_posix()
+    return str(resolved)
+
+
 def _export_metadata(job: _Removal, run: _Run) -> dict[str, Any]:
     """lnscope_removal.json of an exported run: method, source, steps, schedule, final loss, settings."""
     cfg, ln_free = job.cfg, run.role == "ln_free"
     return {
         "method": "FakeLN fine-tuning (Baroni et al. 2025; Heimersheim 2024)" if ln_free
         else "fine-tuning with LayerNorm kept (control)",
-        "source": str(job.src.resolve()),
+        "source": portable_source(job.src),
         "steps": run.total,
         "seed": cfg.seed,
         "schedule": job.schedule.to_dict() if ln_free else None,

@@ -21,7 +21,6 @@ from pydantic import BaseModel, Field
 
 from lnscope.analysis.loading import LoadedModel
 from lnscope.analysis.progress import Progress, ensure
-from lnscope.analysis.results import Manifest, make_manifest
 from lnscope.analysis.transcoders.attribution import attribute
 from lnscope.analysis.transcoders.graph import AttributionGraph, PruneResult
 from lnscope.analysis.transcoders.matching import FeatureMatching, match_features
@@ -79,7 +78,6 @@ class GraphScores(BaseModel):
 
 
 class CircuitDiff(BaseModel):
-    manifest: Manifest
     roles: list[str] = Field(description="[a, b]")
     prompt: str
     prompt_tokens: list[str]
@@ -131,8 +129,7 @@ def _side(g: AttributionGraph, node_threshold: float, edge_threshold: float) -> 
 
 
 def diff_graphs(graph_a: AttributionGraph, graph_b: AttributionGraph, matching: FeatureMatching, *,
-                node_threshold: float = 0.8, edge_threshold: float = 0.98, max_edges: int = 2000,
-                pair: str | None = None, models: Mapping[str, LoadedModel] | None = None) -> CircuitDiff:
+                node_threshold: float = 0.8, edge_threshold: float = 0.98, max_edges: int = 2000) -> CircuitDiff:
     """The diff of two graphs of the same prompt (see the module docstring)."""
     if graph_a.token_ids != graph_b.token_ids:
         raise ValueError("the two graphs are of different token sequences (do the models share a tokenizer?)")
@@ -141,11 +138,8 @@ def diff_graphs(graph_a: AttributionGraph, graph_b: AttributionGraph, matching: 
     edges = _edge_diffs(a, b, matching, matched)
     both = sum(1 for m in matched.values() if m.in_pruned_a and m.in_pruned_b)
     union = len(a.kept) + len(b.kept) - both
-    manifest = make_manifest("transcoder_circuit_diff", models or {}, pair=pair,
-                             options={"node_threshold": node_threshold, "edge_threshold": edge_threshold,
-                                      "graph_options": graph_a.options})
     return CircuitDiff(
-        manifest=manifest, roles=[graph_a.role, graph_b.role], prompt=graph_a.prompt, prompt_tokens=graph_a.token_strs,
+        roles=[graph_a.role, graph_b.role], prompt=graph_a.prompt, prompt_tokens=graph_a.token_strs,
         node_threshold=node_threshold, edge_threshold=edge_threshold, scores=[_graph_scores(a), _graph_scores(b)],
         matching=matching.summary(),
         matched_nodes=sorted(matched.values(), key=lambda m: -(m.influence_a + m.influence_b)),
@@ -267,7 +261,6 @@ def paired_circuits(models: Mapping[str, LoadedModel], transcoders: Mapping[str,
     gb.prompt = ga.prompt
     progress.stage("matching features", 0.9)
     matching = matching or match_features(transcoders[a], transcoders[b])
-    diff = diff_graphs(ga, gb, matching, node_threshold=node_threshold, edge_threshold=edge_threshold, pair=pair,
-                       models={a: models[a], b: models[b]})
+    diff = diff_graphs(ga, gb, matching, node_threshold=node_threshold, edge_threshold=edge_threshold)
     progress.stage("done", 1.0)
     return {a: ga, b: gb}, diff

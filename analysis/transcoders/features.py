@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 from lnscope.analysis.ln_stats import text_sequences
 from lnscope.analysis.loading import LoadedModel
 from lnscope.analysis.progress import Progress, ensure
-from lnscope.analysis.results import Manifest, make_manifest
 from lnscope.analysis.transcoders.model import TranscoderSet
 
 INDEX_FILE = "feature_index.safetensors"
@@ -184,7 +183,7 @@ def build_feature_index(model: LoadedModel, transcoders: TranscoderSet, texts: S
     offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
     progress.stage("feature index: done", 1.0)
     meta = {"role": model.role, "pair": pair, "context": context, "exclude_bos": exclude_bos,
-            "model": model.source.describe(), "n_texts": len(texts), "seconds": time.perf_counter() - start}
+            "model": model.source.portable(), "n_texts": len(texts), "seconds": time.perf_counter() - start}
     return FeatureIndex(layers=layers, top_k=top_k, n_bins=n_bins, tokens=flat, offsets=offsets, top_acts=top_acts,
                         top_seq=top_seq, top_pos=top_pos, hist=hist, max_act=max_act, count=count, act_sum=act_sum,
                         n_tokens=n_tokens, meta=meta)
@@ -214,7 +213,6 @@ class Histogram(BaseModel):
 
 
 class FeaturePage(BaseModel):
-    manifest: Manifest
     role: str
     layer: int
     feature: int
@@ -237,8 +235,7 @@ def logit_effects(model: LoadedModel, transcoders: TranscoderSet, layer: int, fe
 
 @torch.no_grad()
 def feature_page(model: LoadedModel, transcoders: TranscoderSet, index: FeatureIndex, layer: int, feature: int, *,
-                 n_contexts: int | None = None, window: tuple[int, int] = (10, 4), n_tokens: int = 10,
-                 pair: str | None = None) -> FeaturePage:
+                 n_contexts: int | None = None, window: tuple[int, int] = (10, 4), n_tokens: int = 10) -> FeaturePage:
     """One feature's page (see the module docstring). `window`: tokens shown before / after the peak."""
     if layer not in index.layers or layer not in transcoders:
         raise KeyError(f"layer {layer} has no transcoder / is not indexed (layers {index.layers})")
@@ -277,8 +274,6 @@ def feature_page(model: LoadedModel, transcoders: TranscoderSet, index: FeatureI
     cnt = int(index.count[layer][feature])
     edges = torch.linspace(0, mx, index.n_bins + 1).tolist() if mx > 0 else [0.0] * (index.n_bins + 1)
     return FeaturePage(
-        manifest=make_manifest("transcoder_feature", {model.role: model}, pair=pair,
-                               options={"layer": layer, "feature": feature, "window": list(window), **index.meta}),
         role=model.role, layer=layer, feature=feature, n_tokens_indexed=index.n_tokens,
         firing_rate=cnt / max(index.n_tokens, 1), max_activation=mx,
         mean_activation_when_active=float(index.act_sum[layer][feature]) / cnt if cnt else None,

@@ -46,7 +46,6 @@ class GraphPath(BaseModel):
 class GraphSummary(BaseModel):
     """A graph's headline numbers, JSON-serialisable."""
 
-    manifest: Manifest
     role: str
     prompt: str
     prompt_tokens: list[str]
@@ -334,7 +333,6 @@ class AttributionGraph:
         replacement, completeness = self.scores()
         pruned_adj = self.adjacency * pr.edge_mask
         return GraphSummary(
-            manifest=self.manifest or Manifest(kind="transcoder_graph", roles={}),
             role=self.role, prompt=self.prompt, prompt_tokens=self.token_strs, token_ids=self.token_ids,
             targets=self.logit_targets, n_layers=self.n_layers,
             n_active_features=int(self.active_features.shape[0]), n_selected_features=self.n_features,

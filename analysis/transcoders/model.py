@@ -14,6 +14,7 @@ input); it is folded into `b_enc` when saved in circuit-tracer's layout (b_enc -
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
@@ -170,7 +171,7 @@ class TranscoderSet:
             "skip": self.skip,
             "feature_input_hook": self.feature_input_hook,
             "feature_output_hook": self.feature_output_hook,
-            "model_name": self.model_name,
+            "model_name": _portable_name(self.model_name),
             "scan": self.scan,
         }
 
@@ -194,3 +195,10 @@ def random_transcoders(d_model: int, d_transcoder: int, layers, *, seed: int = 0
         tc.normalize_decoder()
         out[layer] = tc
     return TranscoderSet(out, d_model=d_model)
+
+
+def _portable_name(model_name: str | None) -> str | None:
+    """A Hub id as given; a local model path in the `models/...` form where it lies in the models directory."""
+    from lnscope.analysis.pairs import portable_path
+
+    return portable_path(model_name) if model_name and Path(model_name).is_absolute() else model_name
