@@ -2,7 +2,6 @@
 
 import threading
 
-import httpx2 as httpx  # the HTTP client huggingface_hub is built on
 import pytest
 import torch
 from torch import nn
@@ -10,7 +9,7 @@ from transformers import GPT2LMHeadModel
 
 from lnscope.analysis.checks import CHECK_PROMPTS, check_model, dla_sum_rel_error, log_prob_rel_error, tokenize_prompts
 from lnscope.analysis.errors import ModelLoadError, NotLnFreeError
-from lnscope.analysis.loading import ModelCache, load_model
+from lnscope.analysis.loading import ModelCache, httpx, load_model  # httpx: the client huggingface_hub is built on
 from lnscope.analysis.pairs import ModelSource
 
 

@@ -1,5 +1,7 @@
 """The server's first endpoints: health and models."""
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -62,3 +64,12 @@ def test_openapi_and_docs_are_served(app):
         spec = client.get("/api/v1/openapi.json").json()
         assert "/api/v1/models" in spec["paths"] and "/api/v1/health" in spec["paths"]
         assert client.get("/docs").status_code == 200
+        for page in ("/docs", "/redoc"):
+            r = client.get(page)
+            assert r.status_code == 200 and "default-src 'self'" in r.headers["content-security-policy"]
+            links = re.findall(r'(?:src|href)="([^"]+)"', r.text) + re.findall(r"url: '([^']+)'", r.text)
+            assert links and all(link.startswith("/") for link in links), links
+            for link in links:
+                assert client.get(link).status_code == 200, link
+        redoc_js = client.get("/vendor/api-docs/redoc.standalone.js")
+        assert redoc_js.status_code == 200 and "cdn.redoc.ly" not in redoc_js.text

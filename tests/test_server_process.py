@@ -67,7 +67,7 @@ def test_sigkill_mid_job_keeps_finished_results_and_reports_the_interrupted_job(
         assert long.status_code == 202
         job_id = long.json()["id"]
         deadline = time.time() + 60
-        while httpx.get(f"{base}/jobs/{job_id}", timeout=5).json()["stage"].startswith("probe stage") is False:
+        while "probe stage" not in httpx.get(f"{base}/jobs/{job_id}", timeout=5).json()["stage"]:
             assert time.time() < deadline
             time.sleep(0.1)
     finally:
