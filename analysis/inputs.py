@@ -41,7 +41,8 @@ def task_inputs(request: AnalysisRequest, tokenizer, n_ctx: int, limits: Limits)
             if len(spec.pairs or []) > limits.max_prompts:
                 raise RequestError(["body", "task", "pairs"], f"at most {limits.max_prompts} pairs per request")
         else:
-            batch = tasks.build_task(spec.name, tokenizer, n_prompts=spec.n_prompts, seed=spec.seed, split=spec.split)
+            split = {} if spec.split is None else {"split": spec.split}  # builders with a split default to heldout
+            batch = tasks.build_task(spec.name, tokenizer, n_prompts=spec.n_prompts, seed=spec.seed, **split)
     except RequestError:
         raise
     except (ValueError, LnscopeError) as exc:

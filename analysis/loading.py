@@ -129,8 +129,35 @@ def _fetch_config(source: ModelSource, role: str) -> None:
         raise _hub_error(source, role, exc) from exc
 
 
-_tokenizers: dict[tuple, tuple[Any, int]] = {}
+_tokenizers: dict[tuple, tuple[Any, Any]] = {}  # (location, fingerprint) -> (tokenizer, config)
 _tokenizers_lock = threading.Lock()
+FAILURE_MEMORY_S = 60.0  # a source that failed to load is answered from memory this long (no Hub wait per request)
+
+
+class FailureMemory:
+    """Load failures per key, re-raised at once for `ttl_s` seconds instead of trying (and waiting) again."""
+
+    def __init__(self, ttl_s: float = FAILURE_MEMORY_S) -> None:
+        self.ttl_s = ttl_s
+        self._failures: dict[Any, tuple[float, ModelLoadError]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, key: Any) -> None:
+        with self._lock:
+            failure = self._failures.get(key)
+        if failure is not None and time.monotonic() - failure[0] < self.ttl_s:
+            raise failure[1]
+
+    def remember(self, key: Any, error: ModelLoadError) -> None:
+        with self._lock:
+            self._failures[key] = (time.monotonic(), error)
+
+    def forget(self, key: Any) -> None:
+        with self._lock:
+            self._failures.pop(key, None)
+
+
+load_failures = FailureMemory()
 
 
 def pair_tokenizer(pair: PairSpec) -> tuple[Any, int]:
@@ -138,23 +165,45 @@ def pair_tokenizer(pair: PairSpec) -> tuple[Any, int]:
 
     Every role of a pair shares this tokenizer; requests are tokenized with it before any model loads.
     """
+    tokenizer, config = _pair_files(pair)
+    return tokenizer, int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
+
+
+def pair_config(pair: PairSpec) -> Any:
+    """The original's Hugging Face config (sizes for cost estimates), read once with the tokenizer."""
+    return _pair_files(pair)[1]
+
+
+def _pair_files(pair: PairSpec) -> tuple[Any, Any]:
+    """The original's tokenizer and config, cached per directory and weights; a failure is remembered."""
     source = pair.original
-    key = (source.location, source.revision)
+    key = (source.location, source.fingerprint())
     with _tokenizers_lock:
         if key in _tokenizers:
             return _tokenizers[key]
+    load_failures.check(("tokenizer", key))
+    try:
+        files = _load_tokenizer(pair)
+    except ModelLoadError as exc:
+        load_failures.remember(("tokenizer", key), exc)
+        raise
+    with _tokenizers_lock:
+        _tokenizers[key] = files
+    return files
+
+
+def _load_tokenizer(pair: PairSpec) -> tuple[Any, Any]:
+    """The original's tokenizer and config, or a ModelLoadError saying why not."""
     from transformers import AutoConfig, AutoTokenizer
 
+    source = pair.original
     _fetch_config(source, "original")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, revision=source.revision)
         config = AutoConfig.from_pretrained(source.location, revision=source.revision)
     except OSError as exc:
         raise ModelLoadError(f"cannot load the tokenizer of pair {pair.name!r}: {exc}") from exc
-    n_ctx = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
-    with _tokenizers_lock:
-        _tokenizers[key] = (tokenizer, n_ctx)
-    return tokenizer, n_ctx
+    return tokenizer, config
 
 
 def load_hf_model(source: ModelSource, role: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -217,41 +266,51 @@ def _load_model(source: ModelSource, role: Role, *, device, dtype) -> LoadedMode
 
 
 class ModelCache:
-    """Each (source, role, device, dtype) is loaded once per process; concurrent asks wait."""
+    """Each (source, role, device, dtype) is loaded once per process and reloaded when its weights change
+    (`ModelSource.fingerprint`); concurrent asks wait; a failed load is answered from memory for a while."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple, LoadedModel] = {}
+        self._models: dict[tuple, tuple[str, LoadedModel]] = {}  # key -> (fingerprint, model)
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
+        self.failures = FailureMemory()
         self.loads = 0  # how many loads actually ran (for tests and /models)
 
     @staticmethod
     def _key(source: ModelSource, role: str, device: torch.device, dtype: torch.dtype) -> tuple:
         return (source, role, str(device), dtype)
 
+    def _cached(self, key: tuple, fingerprint: str) -> LoadedModel | None:
+        with self._guard:
+            hit = self._models.get(key)
+        return hit[1] if hit is not None and hit[0] == fingerprint else None
+
     def get(self, source: ModelSource, role: Role, *, device=None, dtype=None) -> LoadedModel:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        key = self._key(source, role, device, dtype)
+        key, fingerprint = self._key(source, role, device, dtype), source.fingerprint()
+        if (model := self._cached(key, fingerprint)) is not None:
+            return model
         with self._guard:
-            if key in self._models:
-                return self._models[key]
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
+            if (model := self._cached(key, fingerprint)) is not None:
+                return model
+            self.failures.check((key, fingerprint))
+            try:
+                model = load_model(source, role, device=device, dtype=dtype)
+            except ModelLoadError as exc:
+                self.failures.remember((key, fingerprint), exc)
+                raise
             with self._guard:
-                if key in self._models:
-                    return self._models[key]
-            model = load_model(source, role, device=device, dtype=dtype)
-            with self._guard:
-                self._models[key] = model
+                self._models[key] = (fingerprint, model)  # replaces a model whose weights changed
                 self.loads += 1
             return model
 
     def is_loaded(self, source: ModelSource, role: str, *, device=None, dtype=None) -> bool:
         device = resolve_device(device)
         key = self._key(source, role, device, resolve_dtype(dtype, device))
-        with self._guard:
-            return key in self._models
+        return self._cached(key, source.fingerprint()) is not None
 
     def load_pair(self, pair: PairSpec, roles: list[str] | None = None, *, device=None,
                   dtype=None) -> dict[str, LoadedModel]:

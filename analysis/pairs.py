@@ -14,6 +14,7 @@ trio; users add pairs in a TOML file ($LNSCOPE_CONFIG, default ./lnscope.toml):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -71,6 +72,15 @@ class ModelSource:
     def portable(self) -> str:
         """describe() as files meant for committing write it (see `portable_path`)."""
         return portable_path(self.path) if self.path is not None else self.describe()
+
+    def fingerprint(self) -> str:
+        """What identifies these weights now: the revision for a Hub id; for a local directory, a digest of
+        its files' names, sizes and modification times (weights replaced at the same path change it)."""
+        if self.path is None:
+            return f"{self.hub_id}@{self.revision or 'main'}"
+        files = sorted(p for p in self.path.iterdir() if p.is_file()) if self.path.is_dir() else []
+        stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
         # a path inside the models directory as models/<relative> (no machine's path in committed results)

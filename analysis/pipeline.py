@@ -18,7 +18,8 @@ from lnscope.analysis.eval_text import pair_eval_text
 from lnscope.analysis.inputs import prepare_inputs
 from lnscope.analysis.kinds import KINDS
 from lnscope.analysis.kinds.base import CombineContext, Inputs, Kind, KindOptions, Limits, RequestError, UnitContext
-from lnscope.analysis.loading import LoadedModel, model_cache, pair_tokenizer
+from lnscope.analysis.kinds.costs import Cost, ModelShape, check_budget
+from lnscope.analysis.loading import LoadedModel, model_cache, pair_config, pair_tokenizer
 from lnscope.analysis.pairs import PairRegistry, PairSpec
 from lnscope.analysis.progress import Progress, ensure
 from lnscope.analysis.requests import AnalysisRequest
@@ -36,6 +37,7 @@ class PreparedRun:
     options: KindOptions
     inputs: Inputs
     resources: dict[str, Any]  # fingerprints of what the kind reads beyond the models (e.g. transcoders)
+    cost: Cost  # one role's estimated work
 
     def stored_inputs(self) -> dict[str, Any]:
         """The request as stored with its result: roles and options resolved to what runs."""
@@ -65,7 +67,8 @@ def prepare_run(kind_name: str, request: AnalysisRequest, pair: PairSpec, limits
     """Validate `request` for `kind_name` on `pair` and prepare its inputs; no model is loaded.
 
     Raises pydantic's ValidationError for bad options (locations inside `options`), RequestError
-    (-> 422) naming the field for bad inputs, UnknownRoleError for a role the pair lacks.
+    (-> 422) naming the field for bad inputs or saying the estimated cost and the budget it exceeds,
+    UnknownRoleError for a role the pair lacks.
     """
     kind = get_kind(kind_name)
     options = kind.options.model_validate(request.options)
@@ -75,8 +78,10 @@ def prepare_run(kind_name: str, request: AnalysisRequest, pair: PairSpec, limits
     inputs = prepare_inputs(kind, request, tokenizer, n_ctx, limits, default_text=lambda: pair_eval_text(pair))
     if kind.prepare is not None:
         inputs.extra = kind.prepare(options, inputs, tokenizer, limits, n_ctx)
+    cost = kind.cost(options, inputs, ModelShape.from_config(pair_config(pair))) if kind.cost else Cost(0)
+    check_budget(cost, len(roles), limits.max_forward_passes, limits.max_graph_bytes)
     return PreparedRun(kind=kind, pair=pair, request=request, roles=roles, options=options, inputs=inputs,
-                       resources=resources)
+                       resources=resources, cost=cost)
 
 
 UnitRunner = Callable[[str, dict[str, Any], Progress], BaseModel]  # (role, shared, progress) -> partial

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -21,7 +25,8 @@ from lnscope.analysis.kinds import KINDS, RequestError
 from lnscope.analysis.pairs import PairRegistry, PairSpec
 from lnscope.analysis.pipeline import PreparedRun, prepare_run, run_prepared
 from lnscope.server.frontend import mount_api_docs, mount_frontend
-from lnscope.server.jobs import Job, QueueFull
+from lnscope.server.jobs import Job, QueueFull, TooManyWaiters
+from lnscope.server.middleware import MaxBodySize
 from lnscope.server.schemas import (
     AnalysisRequest,
     ErrorBody,
@@ -39,7 +44,7 @@ from lnscope.server.schemas import (
 )
 from lnscope.server.settings import Settings
 from lnscope.server.state import ServerState
-from lnscope.server.storage import ResultRow, request_hash
+from lnscope.server.storage import ResultRow, StoreUnavailable, request_hash
 
 logger = logging.getLogger("lnscope.server")
 API_PREFIX = "/api/v1"
@@ -54,14 +59,37 @@ def _state(request: Request) -> ServerState:
     return request.app.state.lnscope
 
 
+TOKEN_COOKIE = "lnscope_token"  # set by the web UI: lets a browser open the API docs of a server with a token
+
+
+def _token_matches(given: str, token: str) -> bool:
+    """Constant-time comparison of bytes: headers arrive as latin-1 text, the token is UTF-8."""
+    try:
+        given_bytes = given.encode("latin-1")
+    except UnicodeEncodeError:
+        given_bytes = given.encode("utf-8", "surrogateescape")
+    return secrets.compare_digest(given_bytes, token.encode("utf-8"))
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
 def require_token(request: Request) -> None:
+    """401 unless the request carries the server's bearer token (when it has one)."""
     token = _state(request).settings.api_token
-    if not token:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip(), token):
+    if token and not _token_matches(_bearer(request), token):
         raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer ...)", {"WWW-Authenticate": "Bearer"})
+
+
+def require_token_for_docs(request: Request) -> None:
+    """As require_token, also accepting the UI's cookie: the docs pages are opened by a browser (GET only)."""
+    token = _state(request).settings.api_token
+    if token and not (_token_matches(_bearer(request), token)
+                      or _token_matches(unquote(request.cookies.get(TOKEN_COOKIE, "")), token)):
+        raise ApiError(401, "missing or wrong token: enter it in the web UI (which sets a cookie for the docs) or "
+                       "send Authorization: Bearer ...", {"WWW-Authenticate": "Bearer"})
 
 
 ERRORS = {404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
@@ -77,9 +105,15 @@ def _pair(state: ServerState, name: str) -> PairSpec:
 
 
 # -- models, tasks, tokenizer -------------------------------------------------------------------
-@public.get("/health", response_model=Health, summary="Liveness and the device models run on")
-def health(request: Request) -> Health:
-    return Health(version=__version__, device=str(_state(request).device))
+@public.get("/health", response_model=Health, responses={503: {"model": Health}},
+            summary="Liveness: the device, the database's last check and the workers (503 when degraded)")
+async def health(request: Request):
+    """Answered on the event loop from state kept by the maintenance thread: never waits on a busy server."""
+    state = _state(request)
+    report = state.health()
+    body = Health(status="ok" if report["ok"] else "degraded", version=__version__, device=str(state.device),
+                  database=report["database"], workers=report["workers"])
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if report["ok"] else 503)
 
 
 def _pair_info(state: ServerState, pair: PairSpec) -> PairInfo:
@@ -88,7 +122,7 @@ def _pair_info(state: ServerState, pair: PairSpec) -> PairInfo:
         status, error = state.role_state(pair, role)
         roles.append(RoleInfo(
             role=role, hub_id=source.hub_id, revision=source.revision,
-            path=str(source.path) if source.path is not None else None,
+            path=source.portable() if source.path is not None else None,
             available_locally=state.available_locally(source), loaded=status == "loaded", state=status, error=error,
         ))
     return PairInfo(name=pair.name, description=pair.description, builtin=pair.builtin,
@@ -166,21 +200,21 @@ def _result_out(row: ResultRow, cached: bool = False) -> ResultOut:
 def _manifest_key(state: ServerState, spec: PairSpec, roles: list[str]) -> dict[str, Any]:
     return {
         "pair": spec.name,
-        "roles": {r: spec.source(r).to_json() for r in roles},
+        "roles": {r: {**spec.source(r).to_json(), "weights": spec.source(r).fingerprint()} for r in roles},
         "device": str(state.device), "dtype": state.dtype_name, "lnscope": __version__,
     }
 
 
 def _failure_response(row: ResultRow) -> None:
-    status = {"model_load": 409, "oom": 503, "invalid": 422, "timeout": 504, "queue_full": 503}.get(
-        row.error_kind or "", 500)
+    status = {"model_load": 409, "oom": 503, "invalid": 422, "timeout": 504, "queue_full": 503, "cancelled": 409,
+              "interrupted": 503, "database": 503}.get(row.error_kind or "", 500)
     headers = {"Retry-After": "30"} if status == 503 else None
     raise ApiError(status, row.error or "failed", headers)
 
 
 @router.post("/analyses/{kind}", responses={**ERRORS, 202: {"model": JobInfo}, 504: {"model": ErrorBody}},
              response_model=ResultOut, summary="Run an analysis: inline with ?wait=true, else as a job (202)")
-def submit_analysis(
+async def submit_analysis(
     kind: str,
     body: AnalysisRequest,
     request: Request,
@@ -190,7 +224,7 @@ def submit_analysis(
     state = _state(request)
     if kind not in KINDS:
         raise ApiError(404, f"unknown analysis kind {kind!r}; kinds: {', '.join(sorted(KINDS))}")
-    return _submit(state, kind, body, wait=wait, timeout=timeout)
+    return await _submit(state, request, kind, body, wait=wait, timeout=timeout)
 
 
 def _prepare(state: ServerState, kind: str, body: AnalysisRequest) -> PreparedRun:
@@ -205,34 +239,57 @@ def _prepare(state: ServerState, kind: str, body: AnalysisRequest) -> PreparedRu
         raise ApiError(404, str(exc)) from None
 
 
-def _submit(state: ServerState, kind: str, body: AnalysisRequest, *, wait: bool, timeout: float):
-    """Validate, dedupe, queue and (with `wait`) wait: a stored result, or 202 with the job."""
+def _job_for(state: ServerState, run: PreparedRun, row_id: str) -> Job:
+    """The queued work of a prepared run: load its roles' models, run its units, store the result."""
+
+    def job(progress):
+        progress.stage("loading models", 0.0)
+        models = {role: state.load_role(run.pair, role) for role in run.roles}
+        payload = run_prepared(run, models, progress).model_dump(mode="json")
+        manifest = payload.pop("manifest", None)  # stored once, in the row, for every role
+        return json.dumps(payload), manifest
+
+    return Job(id=row_id, kind=run.kind.name, run=job, timeout_s=state.settings.job_timeout_s,
+               reserve_bytes=run.cost.graph_bytes,
+               model_keys=[f"{run.pair.source(r).describe()}|{r}" for r in run.roles])
+
+
+def _enqueue(state: ServerState, kind: str, body: AnalysisRequest) -> tuple[ResultRow, bool]:
+    """Validate, dedupe and queue (blocking work: run in a thread). (row, done): a stored result or the job."""
     run = _prepare(state, kind, body)
     stored_inputs = run.stored_inputs()
-    key = {**_manifest_key(state, run.pair, run.roles), **run.resources}
-    digest = request_hash(kind, stored_inputs, key)
+    digest = request_hash(kind, stored_inputs, {**_manifest_key(state, run.pair, run.roles), **run.resources})
     if (done := state.store.find_done(digest)) is not None:
-        return _result_out(done, cached=True)
-    row = state.store.find_active(digest)
-    if row is None:
-        row = state.store.create(kind=kind, pair=run.pair.name, inputs=stored_inputs, req_hash=digest, manifest=None)
-
-        def job(progress):
-            progress.stage("loading models", 0.0)
-            models = {role: state.load_role(run.pair, role) for role in run.roles}
-            payload = run_prepared(run, models, progress).model_dump(mode="json")
-            manifest = payload.pop("manifest", None)  # stored once, in the row, for every role
-            return json.dumps(payload), manifest
-
+        return done, True
+    row, created = state.store.create_or_get_active(kind=kind, pair=run.pair.name, inputs=stored_inputs,
+                                                    req_hash=digest, manifest=None)
+    if created:
         try:
-            state.jobs.submit(Job(id=row.id, kind=kind, run=job, timeout_s=state.settings.job_timeout_s,
-                                  model_keys=[f"{run.pair.source(r).describe()}|{r}" for r in run.roles]))
+            state.jobs.submit(_job_for(state, run, row.id))
         except QueueFull:
+            state.store.discard(row.id)  # refused work leaves no history row
             raise ApiError(503, f"the job queue is full ({state.settings.max_queue} jobs); try again later",
                            {"Retry-After": "10"}) from None
+        except ValueError as exc:  # larger than the whole graph-memory budget
+            state.store.discard(row.id)
+            raise ApiError(422, str(exc)) from None
+    return row, False
+
+
+async def _submit(state: ServerState, request: Request, kind: str, body: AnalysisRequest, *, wait: bool,
+                  timeout: float):
+    """A stored result, or (after waiting, with `wait`) the new one, or 202 with the job. Waiting holds no
+    thread, ends early when the client leaves, and is refused (503) beyond the server's number of waiters."""
+    row, cached = await run_in_threadpool(_enqueue, state, kind, body)
+    if cached:
+        return _result_out(row, cached=True)
     if wait:
-        state.jobs.wait(row.id, min(timeout, state.settings.inline_wait_s))
-        row = state.store.get(row.id)
+        try:
+            await state.jobs.wait_async(row.id, min(timeout, state.settings.inline_wait_s), request.is_disconnected)
+        except TooManyWaiters:
+            raise ApiError(503, f"{state.settings.max_waiters} requests are already waiting inline; poll "
+                           f"{API_PREFIX}/jobs/{row.id} instead", {"Retry-After": "5"}) from None
+        row = await run_in_threadpool(state.store.get, row.id)
         if row.status == "done":
             return _result_out(row)
         if row.status in ("failed", "cancelled"):
@@ -243,7 +300,7 @@ def _submit(state: ServerState, kind: str, body: AnalysisRequest, *, wait: bool,
 @router.get("/features/{pair}/{role}/{layer}/{feature}", response_model=ResultOut,
             responses={**ERRORS, 202: {"model": JobInfo}},
             summary="A transcoder feature's page (the `feature` analysis for one role, stored like any result)")
-def get_feature(
+async def get_feature(
     request: Request,
     pair: str = Path(max_length=128),
     role: str = Path(max_length=32),
@@ -259,7 +316,7 @@ def get_feature(
     if n_contexts is not None:
         options["n_contexts"] = n_contexts
     body = AnalysisRequest(pair=pair, roles=[role], options=options)
-    return _submit(state, "feature", body, wait=True, timeout=state.settings.inline_wait_s)
+    return await _submit(state, request, "feature", body, wait=True, timeout=state.settings.inline_wait_s)
 
 
 # -- jobs and results -----------------------------------------------------------------------
@@ -281,15 +338,15 @@ def get_job(job_id: str, request: Request) -> JobInfo:
 
 @router.delete("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS,
                summary="Cancel a job (takes effect at its next stage boundary)")
-def cancel_job(job_id: str, request: Request) -> JobInfo:
+async def cancel_job(job_id: str, request: Request) -> JobInfo:
     state = _state(request)
-    row = _row(state, job_id)
+    row = await run_in_threadpool(_row, state, job_id)
     if row.status in ("done", "failed", "cancelled"):
         raise ApiError(409, f"job {job_id} already {row.status}; finished results are kept")
     if not state.jobs.cancel(job_id):
-        state.store.fail(job_id, "cancelled by request", "cancelled", status="cancelled")
-    state.jobs.wait(job_id, 2.0)
-    return _job_info(state.store.get(job_id))
+        await run_in_threadpool(state.store.fail, job_id, "cancelled by request", "cancelled", status="cancelled")
+    await state.jobs.wait_async(job_id, 2.0)
+    return _job_info(await run_in_threadpool(state.store.get, job_id))
 
 
 @router.get("/results/{result_id}", response_model=ResultOut, responses=ERRORS,
@@ -312,6 +369,64 @@ def list_results(
 
 
 # -- the application ------------------------------------------------------------------------
+def _json_safe(value: Any) -> Any:
+    """A validation error's input as JSON can carry it: NaN, Infinity and lone surrogates as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int)) else _json_safe(str(value))
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    """Body size (outermost, before anything reads the body), trusted Host headers, CORS."""
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
+    if settings.allowed_hosts is not None:  # a page on another name (DNS rebinding) cannot reach the server
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(MaxBodySize, max_bytes=settings.max_body_bytes)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every expected error as a 4xx with a message; validation errors as the list of invalid fields."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        issues = [{"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "value_error"),
+                   **({"input": _json_safe(e["input"])} if "input" in e else {})} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": _json_safe(issues)})
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError):
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": list(exc.loc), "msg": exc.message, "type": "value_error"}]})
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(_: Request, exc: StoreUnavailable):
+        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "30"})
+
+    @app.exception_handler(UnknownRoleError)
+    async def _unknown_role(_: Request, exc: UnknownRoleError):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(ModelLoadError)
+    async def _model_load(_: Request, exc: ModelLoadError):
+        return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+    @app.exception_handler(LnscopeError)
+    async def _lnscope_error(_: Request, exc: LnscopeError):
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+
 def create_app(settings: Settings | None = None, registry: PairRegistry | None = None, cache=None) -> FastAPI:
     settings = settings or Settings.from_env()
     state = ServerState(settings, registry=registry, cache=cache)
@@ -328,36 +443,19 @@ def create_app(settings: Settings | None = None, registry: PairRegistry | None =
         title="lnscope", version=__version__,
         description="Compare a transformer with its LayerNorm-free twin: exact DLA, patching, confidence "
                     "neurons, LN statistics. Long analyses run as jobs; every result is stored and shareable.",
-        openapi_url=f"{API_PREFIX}/openapi.json", docs_url=None, redoc_url=None, lifespan=lifespan,
+        openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan,
     )
     app.state.lnscope = state
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials=False)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError):
-        return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=exc.headers)
-
-    @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError):
-        return JSONResponse(status_code=422, content={"detail": [
-            {"loc": list(exc.loc), "msg": exc.message, "type": "value_error"}]})
-
-    @app.exception_handler(UnknownRoleError)
-    async def _unknown_role(_: Request, exc: UnknownRoleError):
-        return JSONResponse(status_code=404, content={"detail": str(exc)})
-
-    @app.exception_handler(ModelLoadError)
-    async def _model_load(_: Request, exc: ModelLoadError):
-        return JSONResponse(status_code=409, content={"detail": str(exc)})
-
-    @app.exception_handler(LnscopeError)
-    async def _lnscope_error(_: Request, exc: LnscopeError):
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
-
+    _add_middleware(app, settings)
+    _add_error_handlers(app)
     app.include_router(public)
     app.include_router(router)
-    mount_api_docs(app, app.openapi_url)
+    openapi_url = f"{API_PREFIX}/openapi.json"
+
+    @app.get(openapi_url, include_in_schema=False, dependencies=[Depends(require_token_for_docs)])
+    def openapi_spec() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    mount_api_docs(app, openapi_url, dependencies=[Depends(require_token_for_docs)])
     mount_frontend(app)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Any, Sequence
 
 from fastapi import FastAPI, HTTPException
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -56,8 +57,8 @@ class _Static(StaticFiles):
         return response
 
 
-def mount_api_docs(app: FastAPI, openapi_url: str) -> None:
-    """Swagger UI at /docs and ReDoc at /redoc, their assets under /vendor/api-docs."""
+def mount_api_docs(app: FastAPI, openapi_url: str, dependencies: Sequence[Any] = ()) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc (behind `dependencies`), their assets under /vendor/api-docs."""
     title = f"{app.title} API"
     favicon = f"{DOCS_ASSETS_ROUTE}/favicon.png"
     redoc_js = (docs_assets_dir() / "redoc.standalone.js").read_text().replace(REDOC_CDN_LOGO, favicon)
@@ -69,7 +70,7 @@ def mount_api_docs(app: FastAPI, openapi_url: str) -> None:
 
     app.mount(DOCS_ASSETS_ROUTE, StaticFiles(directory=docs_assets_dir()), name="api-docs-assets")
 
-    @app.get("/docs", include_in_schema=False)
+    @app.get("/docs", include_in_schema=False, dependencies=list(dependencies))
     def swagger_ui() -> HTMLResponse:
         page = get_swagger_ui_html(
             openapi_url=openapi_url, title=title, swagger_favicon_url=favicon,
@@ -78,7 +79,7 @@ def mount_api_docs(app: FastAPI, openapi_url: str) -> None:
         page.headers["Content-Security-Policy"] = DOCS_CSP
         return page
 
-    @app.get("/redoc", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False, dependencies=list(dependencies))
     def redoc() -> HTMLResponse:
         page = get_redoc_html(openapi_url=openapi_url, title=title, redoc_favicon_url=favicon,
                               redoc_js_url=f"{DOCS_ASSETS_ROUTE}/redoc.standalone.js", with_google_fonts=False)

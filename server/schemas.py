@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from lnscope.analysis.requests import AnalysisRequest, CustomPairIn, Role, TaskSpec  # noqa: F401 (re-exported)
+from lnscope.analysis.requests import AnalysisRequest, CustomPairIn, PromptText, Role, TaskSpec  # noqa: F401 (re-exported)
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = "ok"
     version: str
     device: str = Field(description="device the models of every pair run on", examples=["cpu"])
+    database: dict[str, Any] = Field(default_factory=dict, description="writable, and why not (the last check)")
+    workers: dict[str, Any] = Field(default_factory=dict, description="workers alive / expected, queue, waiters")
 
 
 class RoleInfo(BaseModel):
@@ -42,8 +44,23 @@ class ModelsResponse(BaseModel):
     pairs: list[PairInfo]
 
 
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description="where: body / query / path, then the field's path")
+    msg: str
+    type: str
+
+
 class ErrorBody(BaseModel):
-    detail: str
+    detail: str | list[ValidationIssue] = Field(
+        description="a message; for 422, the list of invalid fields, each with its location and message")
+
+
+def _utc(value: datetime) -> datetime:
+    """Datetimes are UTC; a naive one (as SQLite returns them) is marked so."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class JobInfo(BaseModel):
@@ -55,9 +72,9 @@ class JobInfo(BaseModel):
     stage: str
     error: str | None = None
     error_kind: str | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
     timings: dict[str, float | None]
     links: dict[str, str]
 
@@ -84,8 +101,8 @@ class ResultPage(BaseModel):
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pair: str = Field(default="tiny", min_length=1)
-    text: str = Field(min_length=1, max_length=20000)
+    pair: str = Field(default="tiny", min_length=1, max_length=128)
+    text: PromptText
     prepend_bos: bool = True
 
 

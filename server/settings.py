@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
 
 class Settings(BaseModel):
     host: str = Field(default="127.0.0.1", description="bind address; 127.0.0.1 unless shared on purpose")
@@ -25,6 +27,17 @@ class Settings(BaseModel):
     max_prompt_tokens: int = Field(default=512, ge=1, description="tokens per prompt (also <= model context)")
     api_token: str | None = Field(default=None, description="bearer token required on every route but health")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")
+    allowed_hosts: list[str] | None = Field(
+        default=None, description="Host headers answered (others get 400: no DNS rebinding); None: any. "
+        "from_env defaults to the loopback names when the server binds to loopback")
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="request bodies larger are refused (413)")
+    max_forward_passes: int | None = Field(
+        default=100_000, ge=1, description="estimated whole-model forward passes a request may need, every role")
+    max_graph_bytes: int | None = Field(default=2**30, ge=1, description="the largest attribution graph a request "
+                                        "may hold (dense adjacency, bytes)")
+    graph_memory_bytes: int | None = Field(default=4 * 2**30, ge=1, description="attribution graphs held by the "
+                                           "jobs running at once, together")
+    max_waiters: int = Field(default=256, ge=1, description="requests waiting inline (?wait=true) at once; more: 503")
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -35,9 +48,16 @@ class Settings(BaseModel):
             "job_timeout_s": "LNSCOPE_JOB_TIMEOUT_S", "inline_wait_s": "LNSCOPE_INLINE_WAIT_S",
             "max_prompts": "LNSCOPE_MAX_PROMPTS", "max_prompt_tokens": "LNSCOPE_MAX_PROMPT_TOKENS",
             "api_token": "LNSCOPE_API_TOKEN", "cors_origins": "LNSCOPE_CORS_ORIGINS",
+            "allowed_hosts": "LNSCOPE_ALLOWED_HOSTS", "max_body_bytes": "LNSCOPE_MAX_BODY_BYTES",
+            "max_forward_passes": "LNSCOPE_MAX_FORWARD_PASSES", "max_graph_bytes": "LNSCOPE_MAX_GRAPH_BYTES",
+            "graph_memory_bytes": "LNSCOPE_GRAPH_MEMORY_BYTES", "max_waiters": "LNSCOPE_MAX_WAITERS",
         }
         values: dict = {k: os.environ[v] for k, v in env_names.items() if os.environ.get(v)}
-        if "cors_origins" in values:
-            values["cors_origins"] = [o.strip() for o in values["cors_origins"].split(",") if o.strip()]
+        for key in ("cors_origins", "allowed_hosts"):
+            if key in values:
+                values[key] = [o.strip() for o in values[key].split(",") if o.strip()]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        settings = cls(**values)
+        if settings.allowed_hosts is None and settings.host in LOOPBACK_HOSTS:
+            settings.allowed_hosts = list(LOOPBACK_HOSTS)
+        return settings

@@ -12,9 +12,11 @@ from lnscope.analysis.loading import ModelCache, model_cache, pair_tokenizer
 from lnscope.analysis.pairs import ModelSource, PairRegistry, PairSpec
 from lnscope.server.jobs import JobManager
 from lnscope.server.settings import Settings
-from lnscope.server.storage import Store, database_url
+from lnscope.server.storage import StoreHealth, database_url, open_store
 
 logger = logging.getLogger("lnscope.server")
+HEARTBEAT_S = 5.0  # how often the server says it is alive and checks its database
+LEASE_S = 30.0  # a server silent this long is gone: its unfinished jobs are marked failed
 
 
 def _in_hub_cache(source: ModelSource) -> bool:
@@ -32,9 +34,13 @@ class ServerState:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.default_pair = self.registry.get(settings.pair or self.registry.default_pair).name
-        self.limits = Limits(max_prompts=settings.max_prompts, max_prompt_tokens=settings.max_prompt_tokens)
-        self.store = Store(database_url(settings.data_dir, settings.database_url))
-        self.jobs = JobManager(self.store, workers=settings.workers, max_queue=settings.max_queue)
+        self.limits = Limits(max_prompts=settings.max_prompts, max_prompt_tokens=settings.max_prompt_tokens,
+                             max_forward_passes=settings.max_forward_passes, max_graph_bytes=settings.max_graph_bytes)
+        self.store = open_store(database_url(settings.data_dir, settings.database_url))
+        self.jobs = JobManager(self.store, workers=settings.workers, max_queue=settings.max_queue,
+                               max_waiters=settings.max_waiters, memory_budget_bytes=settings.graph_memory_bytes)
+        self.database = StoreHealth(writable=True, message=None)  # the last check, read by /health
+        self._maintenance_stop = threading.Event()
         self._errors: dict[tuple[str, str], str] = {}
         self._loading: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -44,14 +50,39 @@ class ServerState:
         return dtype_name(self.dtype)
 
     def start(self) -> None:
-        self.store.recover_unfinished()
+        self.store.recover_orphans(LEASE_S)
         self.jobs.start()
+        self._maintenance_stop = threading.Event()
+        threading.Thread(target=self._maintain, args=(self._maintenance_stop,), name="lnscope-maintenance",
+                         daemon=True).start()
         if self.settings.preload:
             logger.info("loading pair %s on %s in the background", self.default_pair, self.device)
             self.preload_in_background()
 
     def stop(self) -> None:
+        self._maintenance_stop.set()
         self.jobs.stop()
+        self.store.close()
+
+    def _maintain(self, stop: threading.Event) -> None:
+        """Every few seconds: the heartbeat and a check of the database (for /health); now and then, the
+        jobs of servers that are gone (another replica's, a killed process's) are marked failed."""
+        beats = 0
+        while not stop.wait(HEARTBEAT_S):
+            self.database = self.store.check()
+            beats += 1
+            if beats % max(1, round(LEASE_S / HEARTBEAT_S)) == 0 and self.database.writable:
+                try:
+                    self.store.recover_orphans(LEASE_S)
+                except Exception:  # the next round tries again; /health reports the database
+                    logger.exception("recovering orphaned jobs failed")
+
+    def health(self) -> dict:
+        """The database's last check and the workers' state; `ok` only when both are."""
+        workers = self.jobs.alive()
+        ok = self.database.writable and workers["workers_alive"] == workers["workers_expected"]
+        return {"ok": ok, "database": {"writable": self.database.writable, "message": self.database.message},
+                "workers": workers}
 
     # -- models ------------------------------------------------------------------------------
     def role_state(self, pair: PairSpec, role: str) -> tuple[str, str | None]:

@@ -18,6 +18,7 @@ from lnscope.analysis.errors import LnscopeError
 from lnscope.analysis.loading import LoadedModel
 from lnscope.analysis.pairs import ROLES, PairSpec
 from lnscope.analysis.progress import Progress
+from lnscope.analysis.requests import TokenText
 from lnscope.analysis.results import Manifest
 
 P = TypeVar("P", bound=BaseModel)  # a unit's partial result
@@ -38,9 +39,9 @@ class RequestError(LnscopeError, ValueError):
 
 
 class KindOptions(BaseModel):
-    """A kind's options: unknown fields are refused; every default is stated here, once."""
+    """A kind's options: unknown fields, NaN and Infinity are refused; every default is stated here, once."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class NoOptions(KindOptions):
@@ -65,6 +66,8 @@ class Limits:
 
     max_prompts: int = 64
     max_prompt_tokens: int = 512
+    max_forward_passes: int | None = None  # estimated whole-model passes of a request, every role together
+    max_graph_bytes: int | None = None  # the largest attribution graph a request may hold
 
 
 @dataclass
@@ -125,6 +128,7 @@ class Kind(Generic[P, R]):
       what it returns (e.g. the logit targets it chose) reaches every other role's unit as `shared`.
     - `resources(pair, roles) -> dict` checks what the kind needs beyond the models (e.g. transcoders)
       and returns a fingerprint of it, part of the result's identity.
+    - `cost(options, inputs, shape) -> Cost` estimates one role's work before anything runs.
     - `result_order`: the order of roles in the result (as requested, `ROLES`, or the paper's table).
     """
 
@@ -141,6 +145,7 @@ class Kind(Generic[P, R]):
     shares: Callable[[P], dict[str, Any]] | None = None
     resources: Callable[[PairSpec, list[str]], dict[str, Any]] | None = None
     summarize: Callable[[R], str] | None = None
+    cost: Callable[[Any, Inputs, Any], Any] | None = None
     result_order: RoleOrder = "request"
 
     def default_roles_for(self, pair: PairSpec) -> list[str]:
@@ -184,6 +189,5 @@ class TargetIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["logit", "logit_diff"] = Field(examples=["logit_diff"])
-    token: str = Field(min_length=1, description="the token whose logit is attributed", examples=[" Mary"])
-    other: str | None = Field(default=None, min_length=1, description="logit_diff: the token subtracted",
-                              examples=[" John"])
+    token: TokenText = Field(description="the token whose logit is attributed", examples=[" Mary"])
+    other: TokenText | None = Field(default=None, description="logit_diff: the token subtracted", examples=[" John"])

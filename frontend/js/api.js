@@ -44,6 +44,9 @@ export function setToken(token) {
     if (token) localStorage.setItem(TOKEN_KEY, token);
     else localStorage.removeItem(TOKEN_KEY);
   } catch { /* storage disabled */ }
+  // The API docs (/docs, /redoc) are opened by navigation, which sends no header: they accept this cookie.
+  document.cookie = token ? `lnscope_token=${encodeURIComponent(token)}; path=/; SameSite=Strict`
+    : "lnscope_token=; path=/; max-age=0; SameSite=Strict";
 }
 
 const listeners = new Set();

@@ -10,6 +10,9 @@ import { roleColor, roleLabel, sortRoles } from "../roles.js";
 import { optionsForm } from "../schemaform.js";
 import { kindTitle, notice } from "./common.js";
 
+/** Built-in tasks whose templates and names are split into training and held-out sets. */
+const TASKS_WITH_SPLIT = ["ioi", "greater_than"];
+
 // The form survives navigation (module state), so "back" returns to what was typed.
 const form = {
   pair: null,
@@ -155,6 +158,7 @@ export async function render({ root, signal }) {
     field({ label: "prompts", path: "task.n_prompts", input: nPrompts, cls: "narrow" }),
     field({ label: "seed", path: "task.seed", input: taskSeed, cls: "narrow" }),
     field({ label: "split", path: "task.split", input: split, cls: "narrow" }));
+  const splitField = builtinRow.lastElementChild;
   const pairsBox = h("div", { class: "custom-pairs" });
   const pairsField = field({ label: "Clean / corrupt pairs", path: "task.pairs", input: pairsBox });
   const taskField = field({ label: "Task", path: "task", input: taskSelect });
@@ -186,6 +190,7 @@ export async function render({ root, signal }) {
     taskSummary.textContent = t ? `${t.summary}${t.metric ? ` — metric: ${t.metric}` : ""}` : "";
     const custom = form.task.name === "custom";
     builtinRow.hidden = custom;
+    splitField.hidden = !TASKS_WITH_SPLIT.includes(form.task.name);  // induction has no held-out split
     pairsField.hidden = !custom;
     if (custom) renderPairs();
   };
@@ -324,7 +329,8 @@ export async function render({ root, signal }) {
       } else {
         b.task = form.task.name === "custom"
           ? { name: "custom", pairs: form.pairs.map((p) => ({ ...p })) }
-          : { name: form.task.name, n_prompts: form.task.n_prompts, seed: form.task.seed, split: form.task.split };
+          : { name: form.task.name, n_prompts: form.task.n_prompts, seed: form.task.seed,
+              ...(TASKS_WITH_SPLIT.includes(form.task.name) ? { split: form.task.split } : {}) };
       }
     }
     if (kind.inputs === "prompt") {
