@@ -11,6 +11,8 @@ RUN pip wheel --no-cache-dir --no-deps -w /dist .
 FROM python:3.11-slim
 ARG TORCH_SPEC="torch>=2.6"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cu124"
+# "[cluster]" adds Ray and the PostgreSQL driver (docker compose --profile cluster builds with it)
+ARG EXTRAS=""
 ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \
     LNSCOPE_DATA_DIR=/data \
@@ -21,7 +23,7 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 RUN pip install --no-cache-dir "$TORCH_SPEC" --index-url "$TORCH_INDEX"
 COPY --from=wheel /dist /dist
-RUN pip install --no-cache-dir /dist/lnscope-*.whl && rm -rf /dist
+RUN pip install --no-cache-dir "$(ls /dist/lnscope-*.whl)$EXTRAS" && rm -rf /dist
 COPY models ./models
 
 EXPOSE 8000

@@ -27,7 +27,7 @@ $(BIN)/python:
 # project's range never pulls a different build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)" 2>&1 | $(QUIET)
-	$(PIP) install -e ".[test]" 2>&1 | $(QUIET)
+	$(PIP) install -e ".[test,cluster]" 2>&1 | $(QUIET)
 	$(BIN)/python -c "import lnscope.analysis, lnscope.server, transformer_lens, fastapi"
 	touch $@
 

@@ -307,10 +307,13 @@ class ModelCache:
                 self.loads += 1
             return model
 
-    def is_loaded(self, source: ModelSource, role: str, *, device=None, dtype=None) -> bool:
+    def peek(self, source: ModelSource, role: str, *, device=None, dtype=None) -> LoadedModel | None:
+        """The cached model of these current weights, or None (nothing is loaded)."""
         device = resolve_device(device)
-        key = self._key(source, role, device, resolve_dtype(dtype, device))
-        return self._cached(key, source.fingerprint()) is not None
+        return self._cached(self._key(source, role, device, resolve_dtype(dtype, device)), source.fingerprint())
+
+    def is_loaded(self, source: ModelSource, role: str, *, device=None, dtype=None) -> bool:
+        return self.peek(source, role, device=device, dtype=dtype) is not None
 
     def load_pair(self, pair: PairSpec, roles: list[str] | None = None, *, device=None,
                   dtype=None) -> dict[str, LoadedModel]:

@@ -23,7 +23,7 @@ from lnscope.analysis import __version__
 from lnscope.analysis.errors import LnscopeError, ModelLoadError, UnknownPairError, UnknownRoleError
 from lnscope.analysis.kinds import KINDS, RequestError
 from lnscope.analysis.pairs import PairRegistry, PairSpec
-from lnscope.analysis.pipeline import PreparedRun, prepare_run, run_prepared
+from lnscope.analysis.pipeline import PreparedRun, prepare_run
 from lnscope.server.frontend import mount_api_docs, mount_frontend
 from lnscope.server.jobs import Job, QueueFull, TooManyWaiters
 from lnscope.server.middleware import MaxBodySize
@@ -41,6 +41,7 @@ from lnscope.server.schemas import (
     TokenizeRequest,
     TokenizeResponse,
     TokenOut,
+    WorkersResponse,
 )
 from lnscope.server.settings import Settings
 from lnscope.server.state import ServerState
@@ -240,12 +241,10 @@ def _prepare(state: ServerState, kind: str, body: AnalysisRequest) -> PreparedRu
 
 
 def _job_for(state: ServerState, run: PreparedRun, row_id: str) -> Job:
-    """The queued work of a prepared run: load its roles' models, run its units, store the result."""
+    """The queued work of a prepared run: its units on the executor's models, the combined result stored."""
 
     def job(progress):
-        progress.stage("loading models", 0.0)
-        models = {role: state.load_role(run.pair, role) for role in run.roles}
-        payload = run_prepared(run, models, progress).model_dump(mode="json")
+        payload = state.executor.run(run, progress).model_dump(mode="json")
         manifest = payload.pop("manifest", None)  # stored once, in the row, for every role
         return json.dumps(payload), manifest
 
@@ -331,9 +330,21 @@ def _row(state: ServerState, result_id: str) -> ResultRow:
     return row
 
 
-@router.get("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS, summary="Status, progress and stage of a job")
+@router.get("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS,
+            summary="Status, progress, stage and queue position of a job")
 def get_job(job_id: str, request: Request) -> JobInfo:
-    return _job_info(_row(_state(request), job_id))
+    state = _state(request)
+    info = _job_info(_row(state, job_id))
+    if info.status == "queued":
+        info.queue_position = state.jobs.queue_position(job_id)
+    return info
+
+
+@router.get("/workers", response_model=WorkersResponse,
+            summary="Model workers: pair, role, node, device, memory, state, queue length, jobs done")
+def list_workers(request: Request) -> WorkersResponse:
+    state = _state(request)
+    return WorkersResponse(executor=state.executor.name, workers=state.executor.workers())
 
 
 @router.delete("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS,

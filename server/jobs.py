@@ -63,6 +63,8 @@ class Job:
     deadline: float | None = None
     reserve_bytes: int = 0  # memory the job needs while it runs, counted against the manager's budget
     interrupted: threading.Event = field(default_factory=threading.Event)  # set by shutdown, not by a user
+    started: threading.Event = field(default_factory=threading.Event)  # holds its models' locks
+    submitted: float = field(default_factory=time.monotonic)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -181,6 +183,26 @@ class JobManager:
                 self._jobs.pop(job.id, None)
             raise QueueFull from None
         return job
+
+    def _waiting(self) -> list[Job]:
+        with self._guard:
+            return sorted((j for j in self._jobs.values() if not j.started.is_set() and not j.finished.is_set()),
+                          key=lambda j: j.submitted)
+
+    def waiting_for(self, model_key: str) -> int:
+        """Jobs submitted and not yet running that need the model `model_key` (its queue's length)."""
+        return sum(model_key in job.model_keys for job in self._waiting())
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 + the jobs ahead of this one that need one of its models (FIFO per model); None once it runs."""
+        waiting = self._waiting()
+        job = next((j for j in waiting if j.id == job_id), None)
+        if job is None:
+            return None
+        ahead = [j for j in waiting[: waiting.index(job)] if set(j.model_keys) & set(job.model_keys)]
+        running = [j for j in self._jobs.values() if j.started.is_set() and not j.finished.is_set()
+                   and set(j.model_keys) & set(job.model_keys)]
+        return 1 + len(ahead) + len(running)
 
     def get(self, job_id: str) -> Job | None:
         with self._guard:
@@ -337,6 +359,7 @@ class JobManager:
             if job.cancel_requested.is_set():
                 self._end(job, *self._stopped(job, "cancelled before it started"))
                 return
+            job.started.set()
             if not self._write("mark a job running", self.store.mark_running, job.id):
                 return
             self._execute(job)

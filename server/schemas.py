@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lnscope.analysis.requests import AnalysisRequest, CustomPairIn, PromptText, Role, TaskSpec  # noqa: F401 (re-exported)
+from lnscope.server.executors import WorkerInfo  # noqa: F401 (re-exported)
 
 
 class Health(BaseModel):
@@ -76,6 +77,8 @@ class JobInfo(BaseModel):
     started_at: UtcDatetime | None = None
     finished_at: UtcDatetime | None = None
     timings: dict[str, float | None]
+    queue_position: int | None = Field(default=None, description="queued: 1 + the jobs before it that need one of "
+                                       "its models (FIFO per model); None once it runs")
     links: dict[str, str]
 
 
@@ -123,3 +126,8 @@ class KindInfo(BaseModel):
     description: str
     inputs: str
     options_schema: dict[str, Any]
+
+
+class WorkersResponse(BaseModel):
+    executor: str = Field(description="local (this process's threads) or ray (a model worker per pair and role)")
+    workers: list[WorkerInfo]

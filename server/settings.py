@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -38,6 +39,10 @@ class Settings(BaseModel):
     graph_memory_bytes: int | None = Field(default=4 * 2**30, ge=1, description="attribution graphs held by the "
                                            "jobs running at once, together")
     max_waiters: int = Field(default=256, ge=1, description="requests waiting inline (?wait=true) at once; more: 503")
+    executor: Literal["local", "ray"] = Field(default="local", description="where analyses run: this process's "
+                                              "threads, or one Ray model worker per (pair, role)")
+    ray_address: str | None = Field(default=None, description="a running Ray cluster (ray://host:10001, or auto); "
+                                    "unset: the server starts a local Ray instance")
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -51,6 +56,7 @@ class Settings(BaseModel):
             "allowed_hosts": "LNSCOPE_ALLOWED_HOSTS", "max_body_bytes": "LNSCOPE_MAX_BODY_BYTES",
             "max_forward_passes": "LNSCOPE_MAX_FORWARD_PASSES", "max_graph_bytes": "LNSCOPE_MAX_GRAPH_BYTES",
             "graph_memory_bytes": "LNSCOPE_GRAPH_MEMORY_BYTES", "max_waiters": "LNSCOPE_MAX_WAITERS",
+            "executor": "LNSCOPE_EXECUTOR", "ray_address": "LNSCOPE_RAY_ADDRESS",
         }
         values: dict = {k: os.environ[v] for k, v in env_names.items() if os.environ.get(v)}
         for key in ("cors_origins", "allowed_hosts"):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 
+import torch
+
 from lnscope.analysis.device import dtype_name, resolve_device, resolve_dtype
-from lnscope.analysis.errors import LnscopeError, ModelLoadError
+from lnscope.analysis.errors import ConfigError, LnscopeError, ModelLoadError
 from lnscope.analysis.kinds.base import Limits
 from lnscope.analysis.loading import ModelCache, model_cache, pair_tokenizer
 from lnscope.analysis.pairs import ModelSource, PairRegistry, PairSpec
+from lnscope.server.executors import Executor, LocalExecutor
 from lnscope.server.jobs import JobManager
 from lnscope.server.settings import Settings
 from lnscope.server.storage import StoreHealth, database_url, open_store
@@ -40,6 +43,7 @@ class ServerState:
         self.jobs = JobManager(self.store, workers=settings.workers, max_queue=settings.max_queue,
                                max_waiters=settings.max_waiters, memory_budget_bytes=settings.graph_memory_bytes)
         self.database = StoreHealth(writable=True, message=None)  # the last check, read by /health
+        self.executor = make_executor(self)
         self._maintenance_stop = threading.Event()
         self._errors: dict[tuple[str, str], str] = {}
         self._loading: set[tuple[str, str]] = set()
@@ -51,6 +55,7 @@ class ServerState:
 
     def start(self) -> None:
         self.store.recover_orphans(LEASE_S)
+        self.executor.start()
         self.jobs.start()
         self._maintenance_stop = threading.Event()
         threading.Thread(target=self._maintain, args=(self._maintenance_stop,), name="lnscope-maintenance",
@@ -62,6 +67,7 @@ class ServerState:
     def stop(self) -> None:
         self._maintenance_stop.set()
         self.jobs.stop()
+        self.executor.stop()
         self.store.close()
 
     def _maintain(self, stop: threading.Event) -> None:
@@ -85,9 +91,22 @@ class ServerState:
                 "workers": workers}
 
     # -- models ------------------------------------------------------------------------------
+    def role_device(self, pair: PairSpec, role: str) -> torch.device:
+        """Where the role's model runs here: its `device` in lnscope.toml's workers table, else the server's."""
+        configured = pair.worker(role).device
+        return self.device if configured is None else resolve_device(configured)
+
+    def _role_dtype(self, pair: PairSpec, role: str) -> torch.dtype:
+        return resolve_dtype(self.settings.dtype, self.role_device(pair, role))
+
+    def loaded_model(self, pair: PairSpec, role: str):
+        """The role's model if this process holds it (nothing is loaded)."""
+        return self.cache.peek(pair.source(role), role, device=self.role_device(pair, role),
+                               dtype=self._role_dtype(pair, role))
+
     def role_state(self, pair: PairSpec, role: str) -> tuple[str, str | None]:
         key = (pair.name, role)
-        if self.cache.is_loaded(pair.source(role), role, device=self.device, dtype=self.dtype):
+        if self.loaded_model(pair, role) is not None:
             return "loaded", None
         with self._lock:
             if key in self._loading:
@@ -108,7 +127,8 @@ class ServerState:
             self._loading.add(key)
             self._errors.pop(key, None)
         try:
-            return self.cache.get(pair.source(role), role, device=self.device, dtype=self.dtype)
+            return self.cache.get(pair.source(role), role, device=self.role_device(pair, role),
+                                  dtype=self._role_dtype(pair, role))
         except LnscopeError as exc:
             with self._lock:
                 self._errors[key] = str(exc)
@@ -141,3 +161,14 @@ class ServerState:
     def tokenizer(self, pair: PairSpec) -> tuple[object, int]:
         """The pair's tokenizer and context length, read from the original's files (no weights)."""
         return pair_tokenizer(pair)
+
+
+def make_executor(state: ServerState) -> Executor:
+    """The executor the settings name: this process's models, or Ray model workers (lnscope[cluster])."""
+    if state.settings.executor == "local":
+        return LocalExecutor(state)
+    try:
+        from lnscope.server.ray_executor import RayExecutor
+    except ImportError as exc:
+        raise ConfigError(f"LNSCOPE_EXECUTOR=ray needs Ray: pip install 'lnscope[cluster]' ({exc})") from None
+    return RayExecutor(state.settings.ray_address, device=state.settings.device, dtype=state.settings.dtype)

@@ -455,6 +455,16 @@ def test_results_stored_before_the_restructuring_still_open(page, server, shots)
     assert page.errors == []
 
 
+def test_home_lists_the_model_workers(page, server, shots):
+    open_view(page, server, "/")
+    page.wait_for_selector("#workers table tbody tr")
+    rows = page.locator("#workers tbody tr")
+    roles = {rows.nth(i).get_attribute("data-role") for i in range(rows.count())}
+    assert roles >= set(ROLES)
+    assert "executor local" in page.locator("#workers caption").inner_text()
+    shot(page, shots, "home-workers")
+
+
 def test_no_request_left_the_server_and_no_script_errors(page, foreign):
     assert foreign == []
     assert page.errors == []

@@ -280,3 +280,19 @@ def test_every_imported_package_is_declared(folders, extras):
         if not names & declared:
             missing.append(f"{module} ({where}; distribution {sorted(names)})")
     assert not missing, "imported but not declared in pyproject.toml: " + ", ".join(missing)
+
+
+def test_compose_has_one_default_service_and_a_private_cluster_profile():
+    import yaml
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    default = [name for name, s in services.items() if not s.get("profiles")]
+    cluster = {name for name, s in services.items() if "cluster" in s.get("profiles", [])}
+    assert default == ["lnscope"] and cluster == {"postgres", "ray-head", "ray-gpu-worker", "api"}
+    for name, service in services.items():  # only the API is published, on the host's loopback
+        for port in service.get("ports", []):
+            assert name in ("lnscope", "api") and port.startswith("127.0.0.1:"), (name, port)
+    env = services["api"]["environment"]
+    assert env["LNSCOPE_EXECUTOR"] == "ray" and env["LNSCOPE_RAY_ADDRESS"].startswith("ray://ray-head:")
+    assert env["LNSCOPE_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert services["api"]["build"]["args"]["EXTRAS"] == "[cluster]"

@@ -64,6 +64,7 @@ export async function render({ root, signal }) {
   const pairSelect = h("select", { id: id("pair"), "aria-label": "pair" },
     models.pairs.map((p) => h("option", { value: p.name, selected: p.name === form.pair }, p.name + (p.default ? " (default)" : ""))));
   const pairInfo = h("div", {});
+  const workersBox = h("div", { class: "workers", id: "workers" });
   const loadBtn = h("button", { type: "button", class: "small", dataset: { action: "load" } }, "Load models");
   const pairCard = h("section", { class: "card", id: "pair-card" },
     h("div", { class: "card-head" }, h("h2", {}, "Models"),
@@ -71,7 +72,36 @@ export async function render({ root, signal }) {
     field({ label: "Pair", path: "pair", input: pairSelect }),
     pairInfo,
     h("div", { class: "row", style: { alignItems: "center" } }, loadBtn,
-      h("span", { class: "small muted" }, "Models load on first use; loading now makes the first analysis fast.")));
+      h("span", { class: "small muted" }, "Models load on first use; loading now makes the first analysis fast.")),
+    workersBox);
+
+  // The model workers (this process's models, or one Ray actor per pair and role), refreshed while shown.
+  const renderWorkers = (out) => {
+    if (!out.workers.length) {
+      replace(workersBox, h("p", { class: "small muted" }, `No model worker yet (executor: ${out.executor}).`));
+      return;
+    }
+    const mib = (b) => `${(b / 2 ** 20).toFixed(b < 2 ** 24 ? 1 : 0)} MiB`;
+    replace(workersBox, h("table", { class: "workers-table small" },
+      h("caption", {}, `Model workers · executor ${out.executor}`),
+      h("thead", {}, h("tr", {}, ["pair", "role", "node", "device", "memory", "state", "queue", "jobs done"]
+        .map((c) => h("th", {}, c)))),
+      h("tbody", {}, out.workers.map((w) => h("tr", { dataset: { role: w.role, pair: w.pair } },
+        h("td", {}, w.pair),
+        h("td", {}, h("span", { class: "swatch", style: { background: roleColor(w.role) } }), " ", roleLabel(w.role)),
+        h("td", { class: "mono", title: w.node }, w.node.length > 14 ? w.node.slice(0, 12) + "…" : w.node),
+        h("td", { class: "mono" }, w.device), h("td", {}, mib(w.memory_bytes)),
+        h("td", {}, h("span", { class: ["badge", w.state], dataset: { state: w.state } }, w.state)),
+        h("td", {}, String(w.queue_length)), h("td", {}, String(w.jobs_done)))))));
+  };
+  const refreshWorkers = async () => {
+    try { renderWorkers(await api("/workers")); } catch { /* keep the last state */ }
+  };
+  const workersTimer = setInterval(() => {
+    if (!document.body.contains(workersBox)) clearInterval(workersTimer);
+    else if (!document.hidden) refreshWorkers();
+  }, 5000);
+  refreshWorkers();
 
   const renderPair = () => {
     const pair = models.pairs.find((p) => p.name === form.pair);
@@ -97,6 +127,7 @@ export async function render({ root, signal }) {
     try {
       models = await api("/models");
       renderPair();
+      refreshWorkers();
     } catch { /* keep the last state */ }
   };
 
