@@ -10,14 +10,30 @@ trio; users add pairs in a TOML file ($LNSCOPE_CONFIG, default ./lnscope.toml):
     original = "gpt2"                                  # a Hub id ...
     ln_free = { path = "/models/gpt2-noln" }           # ... or a local directory
     control = { id = "me/gpt2-vanilla", revision = "v2" }
+
+Where each role's model runs ([workers] applies to every pair, built-in ones too; a pair's own
+[pairs.<name>.workers.<role>] overrides it field by field):
+
+    [workers.original]
+    device = "cuda:0"                                  # cpu, cuda, cuda:N or mps (local executor)
+    [workers.ln_free]
+    device = "cuda:1"
+    num_gpus = 1                                       # Ray resources of the role's model worker
+    num_cpus = 2
+    memory = "20GB"                                    # bytes, or B / KB / MB / GB / KiB / MiB / GiB ...
+
+    [pairs.my-pair.workers.ln_free]
+    device = "cuda:2"
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,6 +108,20 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class WorkerSpec:
+    """Where one role's model runs: a device for the local executor, resources for a Ray model worker.
+
+    Unset fields take the executor's defaults (the server's device; one GPU per worker on a cluster
+    that has GPUs, else the CPU).
+    """
+
+    device: str | None = None  # e.g. "cuda:1" (local executor)
+    num_gpus: float | None = None  # Ray resources of the role's model worker
+    num_cpus: float | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class PairSpec:
     """A named trio. `control` is optional."""
 
@@ -105,6 +135,12 @@ class PairSpec:
     # Transcoder directories per role (any format analysis.transcoders loads); roles not listed
     # use models/<pair>/transcoders/<role>/.
     transcoders: dict[str, Path] = field(default_factory=dict, compare=False, hash=False)
+    # Placement per role (lnscope.toml's [workers.<role>] and [pairs.<name>.workers.<role>]).
+    workers: dict[str, WorkerSpec] = field(default_factory=dict, compare=False, hash=False)
+
+    def worker(self, role: str) -> WorkerSpec:
+        """The role's placement (defaults where lnscope.toml says nothing)."""
+        return self.workers.get(role, WorkerSpec())
 
     def roles(self) -> dict[Role, ModelSource]:
         roles: dict[Role, ModelSource] = {"original": self.original, "ln_free": self.ln_free}
@@ -196,13 +232,137 @@ def _parse_source(value: Any, *, where: str, base_dir: Path) -> ModelSource:
     return ModelSource(hub_id=value["id"], revision=revision)
 
 
+WORKER_KEYS: tuple[str, ...] = ("device", "num_gpus", "num_cpus", "memory")
+_DEVICE = re.compile(r"cpu|mps|cuda(?::(\d+))?")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_memory(value: Any, *, where: str) -> int:
+    """Bytes from an int or a size string such as "20GB", "512MiB" or "1.5GiB"."""
+    expected = f'{where}: expected a number of bytes > 0 or a size such as "20GB", "512MiB", "1.5GiB"'
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.fullmatch(value.lower())) and match[2] in _SIZE_UNITS:
+        size = round(float(match[1]) * _SIZE_UNITS[match[2]])
+    else:
+        raise ConfigError(f"{expected}, got {value!r}")
+    if size <= 0:
+        raise ConfigError(f"{expected}, got {value!r}")
+    return size
+
+
+def _parse_device(value: Any, *, where: str) -> str:
+    """A torch device string: cpu, cuda, cuda:N or mps."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise ConfigError(f'{where}: expected a device ("cpu", "cuda", "cuda:N" or "mps"), got {value!r}')
+    return value
+
+
+def _parse_number(value: Any, *, where: str, allow_zero: bool) -> float:
+    """A resource count: a number >= 0 (`allow_zero`) or > 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or allow_zero and value == 0)
+    if not ok:
+        raise ConfigError(f"{where}: expected a number {'>=' if allow_zero else '>'} 0, got {value!r}")
+    return float(value)
+
+
+def _parse_worker(table: Any, *, where: str) -> WorkerSpec:
+    """One role's table: device, num_gpus, num_cpus, memory (each optional)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table with keys {', '.join(WORKER_KEYS)}")
+    for key in table:
+        if key not in WORKER_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(WORKER_KEYS)})")
+    parsers = {
+        "device": lambda v, w: _parse_device(v, where=w),
+        "num_gpus": lambda v, w: _parse_number(v, where=w, allow_zero=True),
+        "num_cpus": lambda v, w: _parse_number(v, where=w, allow_zero=False),
+        "memory": lambda v, w: parse_memory(v, where=w),
+    }
+    parsed = {key: parsers[key](value, f"{where}.{key}") for key, value in table.items()}
+    return WorkerSpec(device=parsed.get("device"), num_gpus=parsed.get("num_gpus"),
+                      num_cpus=parsed.get("num_cpus"), memory_bytes=parsed.get("memory"))
+
+
+def _parse_workers(value: Any, *, where: str) -> dict[str, WorkerSpec]:
+    """A workers table: role = { device, num_gpus, num_cpus, memory }."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table of [workers.<role>] tables ({', '.join(ROLES)})")
+    for role in value:
+        if role not in ROLES:
+            raise ConfigError(f"{where}.{role}: unknown role (roles: {', '.join(ROLES)})")
+    return {role: _parse_worker(table, where=f"{where}.{role}") for role, table in value.items()}
+
+
+def parse_workers(data: dict[str, Any], *, origin: str = "lnscope.toml") -> dict[str, WorkerSpec]:
+    """The top-level [workers.<role>] tables of a parsed TOML document (every pair's placement)."""
+    return _parse_workers(data.get("workers", {}), where=f"{origin}: workers")
+
+
+def merge_worker(base: WorkerSpec, override: WorkerSpec) -> WorkerSpec:
+    """`base` with every field `override` sets replaced."""
+    changes = {f.name: getattr(override, f.name) for f in fields(override) if getattr(override, f.name) is not None}
+    return replace(base, **changes)
+
+
+def with_workers(spec: PairSpec, defaults: dict[str, WorkerSpec]) -> PairSpec:
+    """`spec` with `defaults` under its own workers, for the roles it has."""
+    workers = {
+        role: merge_worker(defaults.get(role, WorkerSpec()), spec.workers.get(role, WorkerSpec()))
+        for role in spec.roles()
+        if role in defaults or role in spec.workers
+    }
+    return replace(spec, workers=workers)
+
+
+def _cuda_index(device: str) -> int | None:
+    """N of "cuda:N"; None for other devices and a bare "cuda"."""
+    match = _DEVICE.fullmatch(device)
+    return int(match[1]) if match and match[1] is not None else None
+
+
+def _cuda_device_count() -> int | None:
+    """This machine's CUDA device count; None where CUDA is not available."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else None
+
+
+def place_roles(
+    pair: PairSpec, roles: Iterable[str], default_device: str, *, device_count: int | None = None
+) -> dict[str, str]:
+    """Each role's device: its worker's `device`, else `default_device` (the local executor's placement).
+
+    A "cuda:N" beyond the machine's CUDA devices is refused; `device_count` pretends a machine with that
+    many (None: torch.cuda.device_count() where CUDA is available, else no check).
+    """
+    count = _cuda_device_count() if device_count is None else device_count
+    placement: dict[str, str] = {}
+    for role in roles:
+        pair.source(role)
+        device = pair.worker(role).device or str(default_device)
+        index = _cuda_index(device)
+        if count is not None and index is not None and index >= count:
+            have = f"cuda:0..cuda:{count - 1}" if count else "none"
+            raise ConfigError(f"pair {pair.name!r}, role {role!r}: device {device!r} is not on this machine "
+                              f"({count} CUDA device(s): {have}); see workers.{role}.device in lnscope.toml")
+        placement[role] = device
+    return placement
+
+
 def parse_config(
     data: dict[str, Any], *, base_dir: Path, origin: str = "lnscope.toml"
 ) -> tuple[dict[str, PairSpec], str | None]:
     """User pairs and default pair from a parsed TOML document."""
-    unknown = set(data) - {"pairs", "default_pair"}
+    unknown = set(data) - {"pairs", "default_pair", "workers"}
     if unknown:
         raise ConfigError(f"{origin}: unknown top-level keys {sorted(unknown)}")
+    defaults = parse_workers(data, origin=origin)
     pairs: dict[str, PairSpec] = {}
     for name, table in (data.get("pairs") or {}).items():
         where = f"{origin}: pairs.{name}"
@@ -211,10 +371,10 @@ def parse_config(
         for required in ("original", "ln_free"):
             if required not in table:
                 raise ConfigError(f"{where}: missing role `{required}`")
-        unknown_keys = set(table) - {*ROLES, "description", "transcoders"}
+        unknown_keys = set(table) - {*ROLES, "description", "transcoders", "workers"}
         if unknown_keys:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown_keys)} "
-                              f"(roles: {', '.join(ROLES)}; description; transcoders)")
+                              f"(roles: {', '.join(ROLES)}; description; transcoders; workers)")
         transcoders = table.get("transcoders") or {}
         if not isinstance(transcoders, dict) or set(transcoders) - set(ROLES) or not all(
                 isinstance(v, str) and v for v in transcoders.values()):
@@ -225,7 +385,11 @@ def parse_config(
             for role in ROLES
             if role in table
         }
-        pairs[name] = PairSpec(
+        workers = _parse_workers(table.get("workers", {}), where=f"{where}.workers")
+        for role in workers:
+            if role not in sources:
+                raise ConfigError(f"{where}.workers.{role}: the pair has no `{role}` model")
+        spec = PairSpec(
             name=name,
             original=sources["original"],
             ln_free=sources["ln_free"],
@@ -233,7 +397,9 @@ def parse_config(
             description=str(table.get("description", "")),
             builtin=False,
             transcoders={role: (base_dir / os.path.expanduser(v)).resolve() for role, v in transcoders.items()},
+            workers=workers,
         )
+        pairs[name] = with_workers(spec, defaults)
     default = data.get("default_pair")
     if default is not None and not isinstance(default, str):
         raise ConfigError(f"{origin}: default_pair must be a string")
@@ -263,6 +429,8 @@ class PairRegistry:
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: not valid TOML ({exc})") from None
             user_pairs, user_default = parse_config(data, base_dir=path.resolve().parent, origin=str(path))
+            defaults = parse_workers(data, origin=str(path))
+            pairs = {name: with_workers(spec, defaults) for name, spec in pairs.items()}
             pairs.update(user_pairs)
             default = user_default or default
         elif explicit:

@@ -11,7 +11,7 @@ from lnscope.analysis.device import dtype_name, resolve_device, resolve_dtype
 from lnscope.analysis.errors import ConfigError, LnscopeError, ModelLoadError
 from lnscope.analysis.kinds.base import Limits
 from lnscope.analysis.loading import ModelCache, model_cache, pair_tokenizer
-from lnscope.analysis.pairs import ModelSource, PairRegistry, PairSpec
+from lnscope.analysis.pairs import ModelSource, PairRegistry, PairSpec, place_roles
 from lnscope.server.executors import Executor, LocalExecutor
 from lnscope.server.jobs import JobManager
 from lnscope.server.settings import Settings
@@ -93,8 +93,7 @@ class ServerState:
     # -- models ------------------------------------------------------------------------------
     def role_device(self, pair: PairSpec, role: str) -> torch.device:
         """Where the role's model runs here: its `device` in lnscope.toml's workers table, else the server's."""
-        configured = pair.worker(role).device
-        return self.device if configured is None else resolve_device(configured)
+        return resolve_device(place_roles(pair, [role], str(self.device))[role])
 
     def _role_dtype(self, pair: PairSpec, role: str) -> torch.dtype:
         return resolve_dtype(self.settings.dtype, self.role_device(pair, role))

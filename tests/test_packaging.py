@@ -262,8 +262,8 @@ def _requirement_names(requirements: list[str]) -> set[str]:
     return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
-@pytest.mark.parametrize("folders, extras", [(["analysis", "server"], []), (["tests", "bench"], ["test"])],
-                         ids=["library", "tests"])
+@pytest.mark.parametrize("folders, extras", [(["analysis", "server"], ["cluster"]),
+                                             (["tests", "bench"], ["test", "cluster"])], ids=["library", "tests"])
 def test_every_imported_package_is_declared(folders, extras):
     from importlib.metadata import packages_distributions
 

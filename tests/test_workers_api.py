@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from lnscope.analysis.kinds import KINDS
 from tests.probe_kind import GATE, PROBE
 from tests.test_reliability import DLA_OPTIONS, IOI, client_for  # noqa: F401 (client_for is a fixture)
@@ -31,7 +33,7 @@ def test_queued_jobs_report_their_position_per_model(client_for, trio_dirs, monk
                                                            "options": {"block": True, "tag": f"p{i}"}}).json()["id"]
                for i in range(3)]
         deadline = time.time() + 30
-        while client.get(f"/api/v1/jobs/{ids[0]}").json()["status"] != "running":
+        while "probe stage" not in client.get(f"/api/v1/jobs/{ids[0]}").json()["stage"]:  # loaded and running
             assert time.time() < deadline
             time.sleep(0.05)
         positions = [client.get(f"/api/v1/jobs/{i}").json()["queue_position"] for i in ids]
@@ -40,3 +42,25 @@ def test_queued_jobs_report_their_position_per_model(client_for, trio_dirs, monk
         assert workers["original"]["state"] == "busy" and workers["original"]["queue_length"] == 2
     finally:
         GATE.set()
+
+
+def test_the_local_executor_places_each_role_on_its_configured_device(tmp_path, trio_dirs, monkeypatch):
+    """lnscope.toml's [workers.<role>] device reaches the server's model loading (cuda:N is refused on a CPU
+    machine with a message naming the device; the other roles stay on the server's device)."""
+    from lnscope.analysis.errors import ConfigError
+    from lnscope.analysis.loading import ModelCache
+    from lnscope.analysis.pairs import PairRegistry
+    from lnscope.server.settings import Settings
+    from lnscope.server.state import ServerState
+
+    (tmp_path / "lnscope.toml").write_text(
+        'default_pair = "local"\n[pairs.local]\n' + "".join(f'{r} = {{ path = "{p}" }}\n' for r, p in trio_dirs.items())
+        + '[workers.ln_free]\ndevice = "cpu"\n[workers.control]\ndevice = "cuda:7"\n')
+    monkeypatch.chdir(tmp_path)
+    state = ServerState(Settings(device="cpu", preload=False, data_dir=tmp_path / "data"),
+                        registry=PairRegistry.load(), cache=ModelCache())
+    pair = state.registry.get("local")
+    assert str(state.role_device(pair, "original")) == "cpu" and str(state.role_device(pair, "ln_free")) == "cpu"
+    with pytest.raises(ConfigError, match="cuda:7"):
+        state.role_device(pair, "control")
+    state.store.close()
