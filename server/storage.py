@@ -199,11 +199,26 @@ def make_engine(url: str) -> Engine:
 
 
 # -- schema upgrade ---------------------------------------------------------------------------
+SCHEMA_LOCK_KEY = 0x6C6E73636F7065  # PostgreSQL advisory lock held while one server upgrades the schema
+
+
 def upgrade_schema(engine: Engine) -> None:
     """Bring a database made by an earlier lnscope to this schema; idempotent and safe to run concurrently."""
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
-    _add_missing_indexes(engine)
+    with _schema_lock(engine):
+        Base.metadata.create_all(engine)
+        _add_missing_columns(engine)
+        _add_missing_indexes(engine)
+
+
+@contextlib.contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL one server at a time (concurrent CREATE TABLE collide in pg_type); released at commit."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        yield
 
 
 def _add_missing_columns(engine: Engine) -> None:
