@@ -1,199 +1,27 @@
-// Circuits: the attribution graph (circuit-tracer's JSON: nodes[{node_id, feature, layer, ctx_idx,
-// feature_type, influence, activation}], links[{source, target, weight}]) laid out by layer (y)
-// and position (x); edge width by |weight|; client-side pruning by cumulative influence; a role
-// toggle and a diff mode (matched / gained / lost nodes); a node panel and the feature page.
+// Circuits: attribution graphs (circuit-tracer's JSON: nodes[{node_id, feature, layer, ctx_idx,
+// feature_type, influence, activation}], links[{source, target, weight}]) of one or several roles in
+// linked subplots; a readable default (the most influential nodes, weak edges hidden), pins kept in
+// the URL, matched nodes marked across roles, a node panel, and the scores and feature lists of a diff.
 
 import { api, getKinds, submitAnalysis } from "../api.js";
 import { h, replace, segmented } from "../dom.js";
 import { fmt } from "../format.js";
 import { followJob } from "../progress.js";
 import { navigate, setQuery } from "../router.js";
-import { roleColor, roleLabel, sortRoles } from "../roles.js";
-import { featurePage } from "./feature.js";
-import { loadResult, manifestCard, notice, resultHeader } from "./common.js";
-import { render as plot } from "../plots.js";
+import { roleLabel, sortRoles } from "../roles.js";
+import { featurePage, openFeaturePage } from "./feature.js";
+import { loadResult, manifestCard, notice, resultHeader, roleBadge } from "./common.js";
+import { plotly, render as plot } from "../plots.js";
+import {
+  counterparts, diffGraphs, extractGraphs, featureIndex, featureRecord, nLayersOf, nodeLabel, nodeName, nodeType, selectGraph,
+} from "./circuitgraph.js";
+import { figure } from "./circuitplot.js";
+import { diffSummary, edgeChanges, featureLists, scoresTable, topPaths } from "./circuitlists.js";
 
-const TYPE_STYLE = {
-  embedding: { label: "token embedding", symbol: "square", color: "#868e96" },
-  logit: { label: "output logit", symbol: "diamond", color: "#1d2330" },
-  error: { label: "reconstruction error", symbol: "square-open", color: "#adb5bd" },
-  feature: { label: "transcoder feature", symbol: "circle", color: "#7048e8" },
-};
-const DIFF_STYLE = {
-  matched: { label: "matched", color: "#868e96" },
-  gained: { label: "gained (only here)", color: "#2b8a3e" },
-  lost: { label: "lost (only in the reference)", color: "#c92a2a" },
-};
-const MAX_EDGES = 6000;
+export { diffGraphs, extractGraphs, featureIndex, nodeType, prune } from "./circuitgraph.js";
 
-/** "feature" | "error" | "embedding" | "logit" from a node's feature_type. */
-export function nodeType(node) {
-  const t = String(node.feature_type || "").toLowerCase();
-  if (t.includes("embed")) return "embedding";
-  if (t.includes("logit")) return "logit";
-  if (t.includes("error")) return "error";
-  return "feature";
-}
-
-/** Every graph in a result: {role: graph}. Accepts a bare graph, {graph}, {roles: {r: graph | {graph}}}, {graphs}. */
-export function extractGraphs(result) {
-  if (!result || typeof result !== "object") return {};
-  const isGraph = (g) => g && Array.isArray(g.nodes) && Array.isArray(g.links);
-  if (isGraph(result)) return { [result.role || (result.metadata && result.metadata.role) || "graph"]: result };
-  if (isGraph(result.graph)) return { [result.role || "graph"]: result.graph };
-  const out = {};
-  for (const key of ["roles", "graphs"]) {
-    const m = result[key];
-    if (!m || typeof m !== "object") continue;
-    for (const [role, v] of Object.entries(m)) {
-      if (isGraph(v)) out[role] = v;
-      else if (v && isGraph(v.graph)) out[role] = { ...v.graph, features: v.graph.features || v.features };
-    }
-  }
-  return out;
-}
-
-/** The key two graphs' nodes are matched by when the result carries no matching of its own. */
-function matchKey(n) {
-  const t = nodeType(n);
-  if (t === "logit") return `logit|${n.feature}`;
-  if (t === "embedding") return `emb|${n.ctx_idx}`;
-  return `${t}|${n.layer}|${n.feature}|${n.ctx_idx}`;
-}
-
-/**
- * Node statuses of graph `b` against reference `a`: {status: Map(node_id of b -> matched|gained), lost: [nodes of a]}.
- * Uses the result's own diff when it has one ({matched: [[a_id, b_id] | {a, b}], gained: [b ids], lost: [a ids]}).
- */
-export function diffGraphs(a, b, diff) {
-  const status = new Map();
-  const aIds = new Map(a.nodes.map((n) => [n.node_id, n]));
-  if (diff && Array.isArray(diff.pairs)) {
-    // [[reference id, shown id]]: matched when the partner is drawn in the other (client-pruned) graph
-    const partnerOfB = new Map(diff.pairs.map(([x, y]) => [y, x]));
-    const partnerOfA = new Map(diff.pairs.map(([x, y]) => [x, y]));
-    const bIds = new Set(b.nodes.map((n) => n.node_id));
-    for (const n of b.nodes) status.set(n.node_id, aIds.has(partnerOfB.get(n.node_id)) ? "matched" : "gained");
-    return { status, lost: a.nodes.filter((n) => !bIds.has(partnerOfA.get(n.node_id))) };
-  }
-  if (diff && (diff.matched || diff.gained || diff.lost)) {
-    const idOf = (x, side) => (Array.isArray(x) ? x[side] : x && typeof x === "object" ? x[side ? "b" : "a"] ?? x[side ? "target" : "source"] ?? x.node_id : x);
-    const matchedB = new Set((diff.matched || []).map((m) => idOf(m, 1)));
-    const matchedA = new Set((diff.matched || []).map((m) => idOf(m, 0)));
-    for (const n of b.nodes) status.set(n.node_id, matchedB.has(n.node_id) ? "matched" : "gained");
-    const lostIds = new Set((diff.lost || []).map((x) => idOf(x, 0)));
-    const lost = a.nodes.filter((n) => lostIds.has(n.node_id) || (!matchedA.has(n.node_id) && !diff.lost && !matchedB.has(n.node_id)));
-    return { status, lost };
-  }
-  const bKeys = new Set(b.nodes.map(matchKey));
-  const aKeys = new Set(a.nodes.map(matchKey));
-  for (const n of b.nodes) status.set(n.node_id, aKeys.has(matchKey(n)) ? "matched" : "gained");
-  const lost = [...aIds.values()].filter((n) => !bKeys.has(matchKey(n)));
-  return { status, lost };
-}
-
-/** The layer row of a node: embeddings -1, layers 0.., logits on top. */
-function layerRow(n, nLayers) {
-  const t = nodeType(n);
-  if (t === "embedding" || n.layer === "E") return -1;
-  if (t === "logit") return nLayers;
-  const l = Number.parseInt(n.layer, 10);
-  return Number.isFinite(l) ? l : 0;
-}
-
-/** Whether `influence` is circuit-tracer's cumulative score (in [0, 1], lower = more important). */
-function cumulativeScores(graph) {
-  const nodes = graph.nodes;
-  const vals = nodes.map((n) => n.influence).filter((v) => typeof v === "number");
-  const score = new Map();
-  if (vals.length && vals.every((v) => v >= 0 && v <= 1 + 1e-9)) {
-    for (const n of nodes) score.set(n.node_id, typeof n.influence === "number" ? n.influence : 0);
-    return score;
-  }
-  // otherwise: rank by |influence| (or by incident |weight|) and accumulate shares
-  const mag = new Map(nodes.map((n) => [n.node_id, Math.abs(typeof n.influence === "number" ? n.influence : 0)]));
-  if (!vals.length) for (const l of graph.links) {
-    mag.set(l.source, (mag.get(l.source) || 0) + Math.abs(l.weight));
-    mag.set(l.target, (mag.get(l.target) || 0) + Math.abs(l.weight));
-  }
-  const total = [...mag.values()].reduce((s, v) => s + v, 0) || 1;
-  let acc = 0;
-  for (const [id, v] of [...mag.entries()].sort((x, y) => y[1] - x[1])) {
-    acc += v;
-    score.set(id, acc / total);
-  }
-  return score;
-}
-
-/** Keep nodes with cumulative influence <= nodeT (logits and embeddings always) and the edges
- *  carrying the top edgeT share of |weight| among them. */
-export function prune(graph, nodeT, edgeT, { dropIsolated = true } = {}) {
-  const score = graph._score || (graph._score = cumulativeScores(graph));
-  const keep = new Set(graph.nodes.filter((n) => {
-    const t = nodeType(n);
-    return t === "logit" || t === "embedding" || (score.get(n.node_id) ?? 0) <= nodeT + 1e-12;
-  }).map((n) => n.node_id));
-  const cand = graph.links.filter((l) => keep.has(l.source) && keep.has(l.target)).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
-  const total = cand.reduce((s, l) => s + Math.abs(l.weight), 0) || 1;
-  const links = [];
-  let acc = 0;
-  for (const l of cand) {
-    if (acc / total >= edgeT - 1e-12 || links.length >= MAX_EDGES) break;
-    links.push(l);
-    acc += Math.abs(l.weight);
-  }
-  let nodes = graph.nodes.filter((n) => keep.has(n.node_id));
-  if (dropIsolated) {
-    const used = new Set(links.flatMap((l) => [l.source, l.target]));
-    nodes = nodes.filter((n) => used.has(n.node_id) || ["logit", "embedding"].includes(nodeType(n)));
-  }
-  return { nodes, links };
-}
-
-/** x, y of every node: x = position (nodes sharing a cell spread out), y = layer row. */
-function layout(nodes, nLayers) {
-  const cells = new Map();
-  for (const n of nodes) {
-    const key = `${layerRow(n, nLayers)}|${n.ctx_idx}`;
-    (cells.get(key) || cells.set(key, []).get(key)).push(n);
-  }
-  const pos = new Map();
-  for (const list of cells.values()) {
-    list.sort((a, b) => (a.influence ?? 0) - (b.influence ?? 0) || String(a.node_id).localeCompare(String(b.node_id)));
-    const k = list.length;
-    list.forEach((n, i) => {
-      const off = k === 1 ? 0 : -0.38 + (0.76 * i) / (k - 1);
-      pos.set(n.node_id, { x: Number(n.ctx_idx) + off, y: layerRow(n, nLayers) });
-    });
-  }
-  return pos;
-}
-
-/** A feature node's index in its layer: circuit-tracer's node_id is "<layer>_<index>_<pos>" while
- *  its `feature` field is a Cantor pairing of (layer, index); files without such ids keep `feature`. */
-export function featureIndex(n) {
-  const m = /^(?:lost:)?(\d+)_(\d+)_(\d+)$/.exec(String(n.node_id));
-  return m && String(n.layer) === m[1] ? Number(m[2]) : n.feature;
-}
-
-function nodeName(n, tokens) {
-  const t = nodeType(n);
-  const tok = tokens && tokens[n.ctx_idx] !== undefined ? ` "${tokens[n.ctx_idx]}"` : "";
-  if (t === "embedding") return `Emb${tok}`;
-  if (t === "logit") return n.clerp || `logit ${n.feature}`;
-  if (t === "error") return `error L${n.layer} @${n.ctx_idx}`;
-  return `L${n.layer} #${featureIndex(n)} @${n.ctx_idx}`;
-}
-
-function nLayersOf(graphs) {
-  let m = 0;
-  for (const g of Object.values(graphs)) for (const n of g.nodes) {
-    const t = nodeType(n);
-    if (t === "logit") m = Math.max(m, Number.parseInt(n.layer, 10) - 1 || 0);
-    else if (t !== "embedding") m = Math.max(m, (Number.parseInt(n.layer, 10) || 0) + 1);
-  }
-  return m;
-}
+export const DEFAULT_BUDGET = 50;
+export const DEFAULT_MIN_WEIGHT = 0.2;
 
 // -- the view ----------------------------------------------------------------------------------
 export async function render({ root, route, signal }) {
@@ -260,201 +88,260 @@ async function renderIndex(root, available, signal) {
   }
 }
 
-/** The interactive graph for `graphs` ({role: graph}) appended to `container`. */
+/** "role:node_id,…" <-> Set of "role:node_id" (the pinned nodes in the URL). */
+export function parsePins(text) {
+  return new Set(String(text || "").split(",").map((x) => x.trim()).filter((x) => /^[^:]+:.+$/.test(x)));
+}
+
+/** The interactive graphs of `graphs` ({role: graph}) appended to `container`. */
 export function graphView(container, graphs, { result, resultId = null, kind = null, pair = null, route, signal, available = [], fileName = null }) {
   const roles = sortRoles(Object.keys(graphs));
   const q = route.query || {};
-  // a circuit-diff shows its second role against its first; otherwise ln_free / original when present
-  const diffRoles = result && result.diff && Array.isArray(result.diff.roles) ? result.diff.roles : null;
-  const defaultRole = diffRoles && roles.includes(diffRoles[1]) ? diffRoles[1] : roles.includes("ln_free") && kind === "circuit-diff" ? "ln_free" : roles[0];
+  const diff = result && result.diff && Array.isArray(result.diff.matched_nodes) ? result.diff : null;
+  const diffRoles = diff && Array.isArray(diff.roles) ? diff.roles : null;
+  // a circuit-diff focuses its second role against its first; otherwise the first role
+  const defaultRole = diffRoles && roles.includes(diffRoles[1]) ? diffRoles[1] : roles[0];
   const role0 = roles.includes(q.role) ? q.role : defaultRole;
   const defaultRef = diffRoles && roles.includes(diffRoles[0]) && diffRoles[0] !== role0 ? diffRoles[0]
-    : roles.includes("original") ? "original" : roles[0];
+    : roles.find((r) => r !== role0) || roles[0];
+  const num = (v, d) => (v !== undefined && v !== "" && Number.isFinite(Number(v)) ? Number(v) : d);
   const state = {
     role: role0,
-    diff: q.diff === "1" || (kind === "circuit-diff" && q.diff !== "0"),
-    ref: roles.includes(q.ref) ? q.ref : defaultRef,
-    nodeT: q.nodes ? Number(q.nodes) : 0.8,
-    edgeT: q.edges ? Number(q.edges) : 0.98,
-    selected: q.node || null,
+    diff: roles.length > 1 && (q.diff === "1" || (kind === "circuit-diff" && q.diff !== "0")),
+    ref: roles.includes(q.ref) && q.ref !== role0 ? q.ref : defaultRef,
+    panels: q.panels === "one" || roles.length === 1 ? "one" : "all",
+    nodeT: num(q.nodes, 0.8),
+    budget: Math.round(num(q.budget, DEFAULT_BUDGET)),
+    minW: num(q.minw, DEFAULT_MIN_WEIGHT),
+    selected: q.node ? { role: roles.includes(q.noderole) ? q.noderole : role0, id: q.node } : null,
+    pins: parsePins(q.pins),
+    pinnedOnly: q.sub === "1",
   };
   const nLayers = nLayersOf(graphs);
+  // features of different roles match only through a diff's decoder-cosine matching (or in a file, by id)
+  const links = counterparts(graphs, diff, { features: kind !== "circuit" });
   const persist = () => {
     if (!resultId) return;
-    setQuery({ role: state.role, diff: state.diff ? "1" : "0", ref: state.diff ? state.ref : undefined, nodes: state.nodeT, edges: state.edgeT, node: state.selected || undefined });
+    setQuery({
+      role: state.role, diff: state.diff ? "1" : "0", ref: state.diff ? state.ref : undefined, panels: state.panels === "one" ? "one" : undefined,
+      nodes: state.nodeT, budget: state.budget, minw: state.minW,
+      node: state.selected ? state.selected.id : undefined, noderole: state.selected ? state.selected.role : undefined,
+      pins: [...state.pins].join(",") || undefined, sub: state.pinnedOnly ? "1" : undefined,
+    });
   };
 
-  // controls
+  // -- controls
   const roleToggle = segmented(roles.map((r) => ({ value: r, label: roleLabel(r) })), state.role,
-    (r) => { state.role = r; state.selected = null; diffAgainstAnother(); persist(); draw(); },
-    { id: "circuit-role", "aria-label": "role" });
+    (r) => { state.role = r; diffAgainstAnother(); persist(); draw(); },
+    { id: "circuit-role", "aria-label": "focus role", title: "the role whose nodes are compared with the reference" });
+  const panelToggle = segmented([{ value: "all", label: "side by side" }, { value: "one", label: "one role" }], state.panels,
+    (v) => { state.panels = v; persist(); draw(); }, { id: "circuit-panels", "aria-label": "panels" });
   const diffBox = h("input", { type: "checkbox", id: "circuit-diff", checked: state.diff, disabled: roles.length < 2 });
   const refSel = h("select", { id: "circuit-ref", "aria-label": "reference role" }, roles.map((r) => h("option", { value: r, selected: r === state.ref }, roleLabel(r))));
   /** A role is never diffed against itself: move the reference to another role. */
   function diffAgainstAnother() {
-    if (!state.diff || state.ref !== state.role) return;
+    if (state.ref !== state.role) return;
     state.ref = roles.find((x) => x !== state.role) || state.ref;
     refSel.value = state.ref;
   }
   diffBox.addEventListener("change", () => { state.diff = diffBox.checked; diffAgainstAnother(); persist(); draw(); });
-  refSel.addEventListener("change", () => { state.ref = refSel.value; persist(); draw(); });
-  const slider = (label, key, id, min, max) => {
-    const out = h("span", { class: "mono" }, state[key].toFixed(2));
-    const input = h("input", { type: "range", id, min, max, step: 0.01, value: state[key] });
-    input.addEventListener("input", () => { state[key] = Number(input.value); out.textContent = state[key].toFixed(2); drawSoon(); });
+  refSel.addEventListener("change", () => { state.ref = refSel.value; diffAgainstAnother(); persist(); draw(); });
+  const subBox = h("input", { type: "checkbox", id: "circuit-subgraph", checked: state.pinnedOnly });
+  subBox.addEventListener("change", () => { state.pinnedOnly = subBox.checked; persist(); draw(); });
+  const slider = (label, key, id, min, max, step, show) => {
+    const out = h("span", { class: "mono" }, show(state[key]));
+    const input = h("input", { type: "range", id, min, max, step, value: state[key] });
+    input.addEventListener("input", () => { state[key] = Number(input.value); out.textContent = show(state[key]); drawSoon(); });
     input.addEventListener("change", persist);
     return h("label", { class: "slider" }, h("span", { class: "label small" }, h("span", {}, label), out), input);
   };
   const counts = h("span", { class: "small muted", id: "circuit-counts" });
-  const plotEl = h("div", { class: "graph-plot", id: "circuit-graph" });
-  const panel = h("div", { class: "card node-panel", id: "node-panel" }, h("p", { class: "muted" }, "Click a node to see its links and open its feature."));
+  const plotEl = h("div", { class: "graph-plot circuit-plot", id: "circuit-graph" });
+  const panel = h("div", { class: "card node-panel circuit-node-panel", id: "node-panel" }, h("p", { class: "muted" }, "Click a node to see its links and open its feature."));
+  const pinBar = h("div", { class: "circuit-pins", id: "circuit-pins" });
   const featureBox = h("div", { id: "feature-box" });
   const legend = h("div", { class: "legend" });
   const meta = graphs[state.role].metadata || {};
+  const tokens = meta.prompt_tokens || (diff && diff.prompt_tokens) || null;
+  const details = h("div", { id: "circuit-details" });
 
   container.append(
     h("section", { class: "card" },
-      h("div", { class: "toolbar" }, h("span", { class: "label" }, "Model"), roleToggle,
+      h("div", { class: "toolbar" }, h("span", { class: "label" }, "Focus"), roleToggle,
         h("label", { class: "check" }, diffBox, "diff against"), refSel,
-        h("span", { class: "spacer" }),
-        slider("node threshold (cumulative influence)", "nodeT", "node-threshold", 0.05, 1),
-        slider("edge threshold (cumulative |weight|)", "edgeT", "edge-threshold", 0.05, 1)),
+        roles.length > 1 ? [h("span", { class: "label" }, "Panels"), panelToggle] : null,
+        h("label", { class: "check", title: "draw only the pinned nodes and the edges among them" }, subBox, "pinned only")),
+      h("div", { class: "toolbar circuit-sliders" },
+        slider("nodes per role (most influential)", "budget", "node-budget", 5, 300, 5, (v) => String(Math.round(v))),
+        slider("node threshold (cumulative influence)", "nodeT", "node-threshold", 0.05, 1, 0.01, (v) => v.toFixed(2)),
+        slider("hide edges below × strongest input", "minW", "edge-threshold", 0, 1, 0.01, (v) => v.toFixed(2))),
       h("div", { class: "row", style: { justifyContent: "space-between", alignItems: "center", marginBottom: "6px" } }, legend, counts),
       fileName ? h("div", { class: "small muted" }, `file: ${fileName}`) : null,
       meta.prompt ? h("div", { class: "small muted mono", style: { marginBottom: "4px" } }, `prompt: ${meta.prompt}`) : null,
-      h("div", { class: "circuit-layout" }, h("div", {}, plotEl), panel)),
-    featureBox);
+      pinBar,
+      h("div", { class: "circuit-layout circuit-paired" }, h("div", { class: "circuit-plot-wrap" }, plotEl), panel)),
+    featureBox, details);
 
   let pending = null;
   const drawSoon = () => { cancelAnimationFrame(pending); pending = requestAnimationFrame(draw); };
-  let current = null; // {nodes: Map id -> node}
+  let current = null; // the drawn figure: {panels, positions, overlays}
+
+  const pinsOf = (role) => new Set([...state.pins].filter((p) => p.startsWith(`${role}:`)).map((p) => p.slice(role.length + 1)));
+  /** [a id, b id] pairs of a diff oriented reference -> shown, for diffGraphs. */
+  const pairsFor = (ref, role) => {
+    if (!diffRoles || !diffRoles.includes(ref) || !diffRoles.includes(role) || ref === role) return null;
+    const forward = ref === diffRoles[0];
+    return { pairs: diff.matched_nodes.map((m) => (forward ? [m.node_id_a, m.node_id_b] : [m.node_id_b, m.node_id_a])) };
+  };
 
   function draw() {
     refSel.disabled = !state.diff;
+    const shown = state.panels === "one" ? [state.role] : roles.slice(0, 3);
+    const drawn = new Map(shown.map((r) => [r, selectGraph(graphs[r], {
+      nodeT: state.nodeT, budget: state.budget, minWeight: state.minW, pinned: pinsOf(r), pinnedOnly: state.pinnedOnly })]));
+    const comparing = state.diff && state.ref !== state.role && graphs[state.ref];
+    const refDrawn = comparing ? drawn.get(state.ref) || selectGraph(graphs[state.ref], {
+      nodeT: state.nodeT, budget: state.budget, minWeight: state.minW, pinned: pinsOf(state.ref), pinnedOnly: state.pinnedOnly }) : null;
+    const features = kind !== "circuit";
+    const focusDiff = comparing ? diffGraphs(refDrawn, drawn.get(state.role), pairsFor(state.ref, state.role), { features }) : null;
+    const panels = shown.map((r) => {
+      const d = drawn.get(r);
+      if (!comparing) return { role: r, ...d, status: null, lost: [] };
+      if (r === state.ref) {
+        const lostIds = new Set(focusDiff.lost.map((x) => x.node_id));
+        return { role: r, ...d, status: new Map(d.nodes.map((x) => [x.node_id, lostIds.has(x.node_id) ? "lost" : "matched"])), lost: [] };
+      }
+      const dd = r === state.role ? focusDiff : diffGraphs(refDrawn, d, pairsFor(state.ref, r), { features });
+      // the reference drawn elsewhere shows what is lost; alone, its lost nodes are drawn here as open rings
+      return { role: r, ...d, status: dd.status, lost: shown.includes(state.ref) ? [] : dd.lost };
+    });
+    const nPos = Math.max(1, ...roles.flatMap((r) => graphs[r].nodes.map((x) => Number(x.ctx_idx) + 1)), tokens ? tokens.length : 0);
+    const fig = figure(panels, { nLayers, nPos, tokens, width: plotEl.clientWidth || 900, graphs,
+      pinned: state.pins, selected: state.selected });
+    current = { panels, positions: fig.positions, overlays: fig.overlays, drawn };
+    plot(plotEl, fig.traces, fig.layout, { scrollZoom: true });
+    plotEl.dataset.arrangement = fig.mode;
+    plotEl.dataset.roles = shown.join(" ");
+    const focus = drawn.get(state.role) || drawn.get(shown[0]);
     const g = graphs[state.role];
-    const tokens = (g.metadata && g.metadata.prompt_tokens) || null;
-    const pruned = prune(g, state.nodeT, state.edgeT);
-    let status = null, lost = [];
-    if (state.diff && state.ref !== state.role && graphs[state.ref]) {
-      const ref = prune(graphs[state.ref], state.nodeT, state.edgeT);
-      const d = diffGraphs(ref, pruned, diffInfo(result, state.ref, state.role));
-      status = d.status;
-      lost = d.lost;
-    }
-    const pos = layout([...pruned.nodes, ...lost.map((n) => ({ ...n, node_id: `lost:${n.node_id}` }))], nLayers);
-    const byId = new Map(pruned.nodes.map((n) => [n.node_id, n]));
-    current = { byId, g, tokens, lost: new Map(lost.map((n) => [`lost:${n.node_id}`, n])) };
-    const maxW = Math.max(1e-12, ...pruned.links.map((l) => Math.abs(l.weight)));
-    // edges: bucketed by width and sign so a few traces draw thousands of segments
-    const buckets = new Map();
-    for (const l of pruned.links) {
-      const a = pos.get(l.source), b = pos.get(l.target);
-      if (!a || !b) continue;
-      const w = Math.abs(l.weight) / maxW;
-      const k = `${l.weight >= 0 ? "+" : "-"}${Math.min(5, Math.floor(w * 6))}`;
-      const bkt = buckets.get(k) || buckets.set(k, { x: [], y: [] }).get(k);
-      bkt.x.push(a.x, b.x, null);
-      bkt.y.push(a.y, b.y, null);
-    }
-    const traces = [];
-    for (const [k, v] of buckets) {
-      const level = Number(k.slice(1));
-      traces.push({
-        type: "scatter", mode: "lines", x: v.x, y: v.y, hoverinfo: "skip", showlegend: false,
-        line: { width: 0.4 + level * 1.1, color: k[0] === "+" ? `rgba(59, 91, 219, ${0.25 + level * 0.1})` : `rgba(201, 42, 42, ${0.25 + level * 0.1})` },
-      });
-    }
-    // nodes, one trace per type (or per diff status)
-    const groups = new Map();
-    const addTo = (key, n, id) => {
-      const p = pos.get(id);
-      if (!p) return;
-      const grp = groups.get(key) || groups.set(key, { x: [], y: [], ids: [], text: [], size: [] }).get(key);
-      grp.x.push(p.x); grp.y.push(p.y); grp.ids.push(id);
-      grp.text.push(`${nodeName(n, tokens)}<br>${n.feature_type}${n.activation !== null && n.activation !== undefined ? `<br>activation ${fmt(n.activation, 3)}` : ""}`
-        + `${typeof n.influence === "number" ? `<br>influence ${fmt(n.influence, 3)}` : ""}${n.clerp && nodeType(n) !== "logit" ? `<br>${n.clerp}` : ""}`);
-      grp.size.push(nodeType(n) === "feature" ? 11 : 10);
-    };
-    for (const n of pruned.nodes) addTo(status ? status.get(n.node_id) || "matched" : nodeType(n), n, n.node_id);
-    for (const n of lost) addTo("lost", n, `lost:${n.node_id}`);
-    for (const [key, grp] of groups) {
-      const st = status || key === "lost" ? DIFF_STYLE[key] : null;
-      const ty = TYPE_STYLE[key];
-      traces.push({
-        type: "scatter", mode: "markers", name: (st || ty).label, x: grp.x, y: grp.y, customdata: grp.ids, text: grp.text,
-        hovertemplate: "%{text}<extra></extra>",
-        marker: {
-          size: grp.size, symbol: key === "lost" ? "circle-open" : ty ? ty.symbol : "circle",
-          color: st ? st.color : key === "feature" ? roleColor(state.role) : ty.color,
-          line: { width: key === "lost" ? 2 : 1, color: key === "lost" ? DIFF_STYLE.lost.color : "#fff" },
-        },
-      });
-    }
-    // the selected node
-    if (state.selected && (pos.get(state.selected))) {
-      const p = pos.get(state.selected);
-      traces.push({ type: "scatter", mode: "markers", x: [p.x], y: [p.y], hoverinfo: "skip", showlegend: false,
-        marker: { size: 20, symbol: "circle-open", color: "#f08c00", line: { width: 3 } } });
-    }
-    const nPos = Math.max(1, ...g.nodes.map((n) => Number(n.ctx_idx) + 1), tokens ? tokens.length : 0);
-    const yTicks = [-1, ...Array.from({ length: nLayers }, (_, i) => i), nLayers];
-    plot(plotEl, traces, {
-      height: 620, showlegend: false, hovermode: "closest", dragmode: "pan",
-      margin: { l: 60, r: 10, t: 16, b: 90 },
-      xaxis: { range: [-0.6, nPos - 0.4], tickvals: Array.from({ length: nPos }, (_, i) => i),
-        ticktext: Array.from({ length: nPos }, (_, i) => (tokens && tokens[i] !== undefined ? `${tokens[i]}` : `${i}`)),
-        tickangle: -45, showgrid: true, gridcolor: "#f1f3f5", zeroline: false, title: { text: "token position" } },
-      yaxis: { range: [-1.6, nLayers + 0.6], tickvals: yTicks, ticktext: yTicks.map((y) => (y === -1 ? "Emb" : y === nLayers ? "Logit" : `L${y}`)),
-        showgrid: true, gridcolor: "#f1f3f5", zeroline: false, title: { text: "layer" } },
-    }, { scrollZoom: true });
-    counts.textContent = `${pruned.nodes.length} of ${g.nodes.length} nodes · ${pruned.links.length} of ${g.links.length} edges`
-      + (status ? ` · ${[...status.values()].filter((s) => s === "gained").length} gained, ${lost.length} lost vs ${roleLabel(state.ref)}` : "");
-    replace(legend, (status ? Object.values(DIFF_STYLE) : Object.values(TYPE_STYLE)).map((s) =>
-      h("span", {}, h("span", { class: "swatch", style: { background: s.color, borderRadius: "50%" } }), s.label)),
-    h("span", {}, h("span", { class: "swatch", style: { background: "#3b5bdb", height: "3px" } }), "positive edge"),
-    h("span", {}, h("span", { class: "swatch", style: { background: "#c92a2a", height: "3px" } }), "negative edge"));
+    counts.textContent = `${roleLabel(state.role)}: ${focus.nodes.length} of ${g.nodes.length} nodes · ${focus.links.length} of ${g.links.length} edges`
+      + (comparing ? ` · ${[...focusDiff.status.values()].filter((x) => x === "gained").length} gained, ${focusDiff.lost.length} lost vs ${roleLabel(state.ref)}` : "");
+    const styles = comparing ? [["#868e96", "matched"], ["#2b8a3e", `gained (not in ${roleLabel(state.ref)})`], ["#c92a2a", `lost (not in ${roleLabel(state.role)})`]]
+      : [["#868e96", "token embedding"], ["#7048e8", "feature (role colour)"], ["#adb5bd", "error"], ["#1d2330", "logit"]];
+    replace(legend, styles.map(([c, label]) => h("span", {}, h("span", { class: "swatch", style: { background: c, borderRadius: "50%" } }), label)),
+      h("span", {}, h("span", { class: "swatch", style: { background: "#3b5bdb", height: "3px" } }), "positive edge"),
+      h("span", {}, h("span", { class: "swatch", style: { background: "#c92a2a", height: "3px" } }), "negative edge"),
+      h("span", {}, h("span", { class: "swatch", style: { border: "2px solid #f08c00", borderRadius: "50%" } }), "match of the hovered node"));
     if (!plotEl.dataset.bound) {
       plotEl.dataset.bound = "1";
       plotEl.on("plotly_click", (ev) => {
         const pt = ev.points && ev.points.find((p) => p.customdata !== undefined);
-        if (pt) select(pt.customdata);
+        if (!pt) return;
+        const role = pt.data.meta;
+        if (ev.event && ev.event.shiftKey) togglePin(role, String(pt.customdata).replace(/^lost:/, ""));
+        else select(String(pt.customdata).startsWith("lost:") ? state.ref : role, String(pt.customdata).replace(/^lost:/, ""));
       });
+      plotEl.on("plotly_hover", (ev) => {
+        const pt = ev.points && ev.points.find((p) => p.customdata !== undefined);
+        if (pt) mark(withCounterparts(pt.data.meta, String(pt.customdata)));
+      });
+      plotEl.on("plotly_unhover", () => mark(null));
     }
+    renderPins();
     showPanel();
+    renderDetails(drawn);
   }
 
-  function select(id) {
-    state.selected = id;
+  /** The node itself and its matched nodes in the other roles: [{role, id}]. */
+  function withCounterparts(role, id) {
+    const raw = id.replace(/^lost:/, "");
+    const own = id.startsWith("lost:") ? state.ref : role;
+    return [{ role: own, id: raw }, ...(links.get(`${own}|${raw}`) || [])];
+  }
+
+  /** Ring `marks` ([{role, id}] or null) in every subplot they are drawn in (no redraw). */
+  function mark(marks) {
+    if (!current) return;
+    const key = (marks || []).map((m) => `${m.role}:${m.id}`).join(" ");
+    if (plotEl.dataset.marked === key) return;
+    plotEl.dataset.marked = key;
+    const xs = [], ys = [], idx = [];
+    for (const [role, o] of Object.entries(current.overlays)) {
+      const pos = current.positions[role];
+      const ps = (marks || []).filter((m) => m.role === role).map((m) => pos.get(m.id) || pos.get(`lost:${m.id}`)).filter(Boolean);
+      xs.push(ps.map((p) => p.x)); ys.push(ps.map((p) => p.y)); idx.push(o.mark);
+    }
+    plotly().restyle(plotEl, { x: xs, y: ys }, idx);
+    for (const tr of details.querySelectorAll("tr.circuit-marked")) tr.classList.remove("circuit-marked");
+    for (const m of marks || []) {
+      for (const tr of details.querySelectorAll(`tr[data-node-a="${CSS.escape(m.id)}"], tr[data-node-b="${CSS.escape(m.id)}"], tr[data-node="${CSS.escape(m.id)}"]`)) tr.classList.add("circuit-marked");
+    }
+  }
+
+  function select(role, id) {
+    state.selected = { role, id };
+    persist();
+    draw();
+    // the panel sits beside the graph; make sure it is on screen after a click
+    const r = panel.getBoundingClientRect();
+    if (r.top < 0 || r.top > window.innerHeight - 80) panel.scrollIntoView({ block: "nearest" });
+  }
+
+  function togglePin(role, id) {
+    const key = `${role}:${id}`;
+    if (state.pins.has(key)) state.pins.delete(key);
+    else state.pins.add(key);
     persist();
     draw();
   }
 
+  function renderPins() {
+    if (!state.pins.size) { replace(pinBar, h("span", { class: "small muted" }, "Pin nodes (node panel, or shift-click) to label them and keep them drawn; “pinned only” draws their subgraph.")); return; }
+    replace(pinBar, h("span", { class: "label small" }, "Pinned"), [...state.pins].map((p) => {
+      const [role, ...rest] = p.split(":");
+      const id = rest.join(":");
+      const n = graphs[role] && graphs[role].nodes.find((x) => x.node_id === id);
+      return h("span", { class: "circuit-pin", dataset: { pin: p } },
+        h("button", { type: "button", class: "small", onclick: () => select(role, id) }, `${roleLabel(role)} · ${n ? nodeLabel(n, tokens, graphs[role]) : id}`),
+        h("button", { type: "button", class: "small circuit-unpin", title: "unpin", onclick: () => togglePin(role, id) }, "×"));
+    }), h("button", { type: "button", class: "small", id: "circuit-unpin-all", onclick: () => { state.pins.clear(); state.pinnedOnly = false; subBox.checked = false; persist(); draw(); } }, "clear"));
+  }
+
   function showPanel() {
-    const id = state.selected;
-    if (!current) return;
-    if (!id) { replace(panel, h("p", { class: "muted" }, "Click a node to see its links and open its feature.")); return; }
-    const n = current.byId.get(id) || current.lost.get(id);
-    if (!n) { replace(panel, h("p", { class: "muted" }, "The selected node is pruned at these thresholds.")); return; }
-    const links = current.g.links;
-    const incoming = links.filter((l) => l.target === n.node_id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 12);
-    const outgoing = links.filter((l) => l.source === n.node_id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 12);
-    const all = new Map(current.g.nodes.map((x) => [x.node_id, x]));
-    const linkRow = (l, other) => h("tr", { class: "clickable", onclick: () => select(other) },
-      h("td", {}, all.has(other) ? nodeName(all.get(other), current.tokens) : other), h("td", { class: ["num", l.weight >= 0 ? "pos" : "neg"] }, fmt(l.weight, 3)));
+    const sel = state.selected;
+    if (!sel) { replace(panel, h("p", { class: "muted" }, "Click a node to see its links, its match in the other role(s) and open its feature."), h("p", { class: "muted small" }, "Hover a node: its matched nodes are ringed in orange.")); return; }
+    const g = graphs[sel.role];
+    const n = g && g.nodes.find((x) => x.node_id === sel.id);
+    if (!n) { replace(panel, h("p", { class: "muted" }, "The selected node is not in this graph.")); return; }
+    const all = new Map(g.nodes.map((x) => [x.node_id, x]));
+    const incoming = g.links.filter((l) => l.target === n.node_id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 12);
+    const outgoing = g.links.filter((l) => l.source === n.node_id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 12);
+    const linkRow = (l, other) => h("tr", { class: "clickable", onclick: () => select(sel.role, other) },
+      h("td", {}, all.has(other) ? nodeName(all.get(other), tokens) : other), h("td", { class: ["num", l.weight >= 0 ? "pos" : "neg"] }, fmt(l.weight, 3)));
     const isFeature = nodeType(n) === "feature";
-    const open = isFeature ? h("button", { type: "button", class: "primary small", id: "open-feature", onclick: () => openFeature(n) }, "Open feature page") : null;
+    const pinned = state.pins.has(`${sel.role}:${n.node_id}`);
+    const partners = (links.get(`${sel.role}|${n.node_id}`) || []).map((p) => ({ ...p, node: graphs[p.role] && graphs[p.role].nodes.find((x) => x.node_id === p.id) }));
+    const cos = matchCos(sel.role, n.node_id);
     replace(panel,
-      h("h3", {}, nodeName(n, current.tokens)),
+      h("div", { class: "card-head" }, h("h3", {}, nodeName(n, tokens)), roles.length > 1 ? roleBadge(sel.role) : null),
       h("dl", { class: "kv" },
-        h("dt", {}, "node"), h("dd", { class: "mono" }, String(n.node_id).replace(/^lost:/, "")),
+        h("dt", {}, "node"), h("dd", { class: "mono" }, String(n.node_id)),
         h("dt", {}, "type"), h("dd", {}, n.feature_type || "–"),
         h("dt", {}, "layer"), h("dd", {}, String(n.layer)),
-        h("dt", {}, "position"), h("dd", {}, `${n.ctx_idx}${current.tokens && current.tokens[n.ctx_idx] !== undefined ? ` (${JSON.stringify(current.tokens[n.ctx_idx])})` : ""}`),
-        h("dt", {}, "feature"), h("dd", {}, String(nodeType(n) === "feature" ? featureIndex(n) : n.feature)),
+        h("dt", {}, "position"), h("dd", {}, `${n.ctx_idx}${tokens && tokens[n.ctx_idx] !== undefined ? ` (${JSON.stringify(tokens[n.ctx_idx])})` : ""}`),
+        h("dt", {}, "feature"), h("dd", {}, String(isFeature ? featureIndex(n) : n.feature)),
         h("dt", {}, "activation"), h("dd", {}, fmt(n.activation, 4)),
         h("dt", {}, "influence"), h("dd", {}, fmt(n.influence, 4)),
         n.clerp ? [h("dt", {}, "label"), h("dd", {}, n.clerp)] : null),
-      h("div", { style: { margin: "10px 0" } }, open),
+      h("div", { class: "row", style: { margin: "10px 0", alignItems: "center" } },
+        isFeature ? h("button", { type: "button", class: "primary small", id: "open-feature", onclick: () => openFeature(n, sel.role) }, "Open feature page") : null,
+        h("button", { type: "button", class: "small", id: "pin-node", onclick: () => togglePin(sel.role, n.node_id) }, pinned ? "Unpin" : "Pin")),
+      roles.length > 1 ? h("div", { class: "circuit-partners", id: "node-partners" },
+        h("h3", { style: { margin: "8px 0 4px" } }, "Match in the other role"),
+        partners.length ? h("ul", {}, partners.map((p) => h("li", {},
+          h("a", { href: "javascript:void 0", onclick: () => select(p.role, p.id) }, `${roleLabel(p.role)}: ${p.node ? nodeName(p.node, tokens) : p.id}`),
+          cos !== null ? h("span", { class: "muted small" }, ` decoder cos ${fmt(cos, 3)}`) : null)))
+          : h("p", { class: "muted small" }, kind === "circuit" && isFeature ? "Features are matched across roles by a circuit diff." : "no matched node in the other graph(s)")) : null,
       h("div", { class: "links" },
         h("h3", { style: { margin: "8px 0 4px" } }, `Inputs (${incoming.length})`),
         incoming.length ? h("table", { class: "data" }, h("tbody", {}, incoming.map((l) => linkRow(l, l.source)))) : h("p", { class: "muted small" }, "none"),
@@ -462,13 +349,36 @@ export function graphView(container, graphs, { result, resultId = null, kind = n
         outgoing.length ? h("table", { class: "data" }, h("tbody", {}, outgoing.map((l) => linkRow(l, l.target)))) : h("p", { class: "muted small" }, "none")));
   }
 
-  /** The feature page: embedded in the result/file when it is, else the `feature` kind when the server has it. */
-  async function openFeature(n) {
-    const g = current.g;
-    const feats = g.features || (result && result.features) || (result && result.roles && result.roles[state.role] && result.roles[state.role].features) || null;
-    const d = feats ? feats[n.node_id] || feats[String(n.feature)] || feats[`${n.layer}_${n.feature}`] || feats[`${n.layer}.${n.feature}`] : null;
+  /** The decoder cosine of a node's match in a circuit-diff, or null. */
+  function matchCos(role, id) {
+    if (!diff) return null;
+    const side = role === diffRoles[0] ? "node_id_a" : "node_id_b";
+    const m = diff.matched_nodes.find((x) => x[side] === id);
+    return m && typeof m.decoder_cos === "number" ? m.decoder_cos : null;
+  }
+
+  /** The matched features of a feature node in the other roles: [{role, layer, feature, cos}]. */
+  function featureMatches(role, id) {
+    return (links.get(`${role}|${id}`) || []).map((p) => {
+      const m = graphs[p.role] && graphs[p.role].nodes.find((x) => x.node_id === p.id);
+      const parts = /^(\d+)_(\d+)_(\d+)$/.exec(p.id);
+      const layer = m ? Number.parseInt(m.layer, 10) : parts ? Number(parts[1]) : null;
+      const feature = m ? featureIndex(m) : parts ? Number(parts[2]) : null;
+      return { role: p.role, layer, feature, cos: matchCos(role, id) };
+    }).filter((m) => Number.isFinite(m.layer) && Number.isFinite(m.feature) && m.feature >= 0);
+  }
+
+  /** The feature page: embedded in the file (with its match's beside it), else the `feature` kind. */
+  async function openFeature(n, role) {
+    const d = featureRecord(graphs[role], n);
     if (d) {
-      replace(featureBox, featurePage(d, { role: roles.length > 1 ? state.role : null, heading: `Feature ${nodeName(n, current.tokens)}` }));
+      const pages = [featurePage(d, { role: roles.length > 1 ? role : null, heading: `Feature ${nodeName(n, tokens)}`, compact: roles.length > 1 })];
+      for (const p of links.get(`${role}|${n.node_id}`) || []) {
+        const m = graphs[p.role].nodes.find((x) => x.node_id === p.id);
+        const rec = m && featureRecord(graphs[p.role], m);
+        if (rec) pages.push(featurePage(rec, { role: p.role, heading: `Match: ${nodeName(m, tokens)}`, idSuffix: `-${p.role}`, compact: true }));
+      }
+      replace(featureBox, h("div", { class: ["feature-across", `feature-across-${pages.length}`], id: "feature-across" }, pages));
       featureBox.scrollIntoView({ behavior: "smooth", block: "start" });
       return;
     }
@@ -476,37 +386,60 @@ export function graphView(container, graphs, { result, resultId = null, kind = n
       replace(featureBox, notice("No feature data for this node: the graph does not embed feature pages and this server has no `feature` analysis."));
       return;
     }
-    const options = { layer: Number.parseInt(n.layer, 10), feature: featureIndex(n) };
-    const role = String(state.selected || "").startsWith("lost:") ? state.ref : state.role;
-    const body = { pair: pair || undefined, roles: roles.includes(role) && role !== "graph" ? [role] : undefined, options };
-    const box = h("div", { class: "card" }, h("h3", {}, `Feature ${nodeName(n, current.tokens)}`));
+    const box = h("div", { class: "card" }, h("h3", {}, `Feature ${nodeName(n, tokens)}`));
     replace(featureBox, box);
-    try {
-      const { status, data } = await submitAnalysis("feature", body);
-      if (status === 200) { navigate(["feature", data.id]); return; }
-      const job = await followJob(data.id, box, { signal });
-      if (job.status === "done") navigate(["feature", job.id]);
-      else box.append(notice(job.error || job.status, { error: true }));
-    } catch (e) {
-      if (e.name !== "AbortError") box.append(notice(e.message, { error: true }));
+    openFeaturePage({ pair, role, layer: Number.parseInt(n.layer, 10), feature: featureIndex(n), matches: featureMatches(role, n.node_id),
+      circuit: resultId, box, signal });
+  }
+
+  /** Scores, diff summary, feature lists, edge changes and top paths under the graph. */
+  function renderDetails(drawn) {
+    const counts = new Map([...drawn].map(([r, d]) => [r, { nodes: d.nodes.length, links: d.links.length }]));
+    const openSpec = (spec) => {
+      const box = h("div", { class: "card" }, h("h3", {}, `Feature ${roleLabel(spec.role)} L${spec.layer} #${spec.feature}`));
+      replace(featureBox, box);
+      box.scrollIntoView({ block: "nearest" });
+      openFeaturePage({ pair, ...spec, circuit: resultId, box, signal });
+    };
+    const name = (role, id) => {
+      const n = graphs[role] && graphs[role].nodes.find((x) => x.node_id === id);
+      return n ? nodeName(n, tokens) : id;
+    };
+    if (!details.dataset.built) {
+      details.dataset.built = "1";
+      replace(details,
+        h("section", { class: "card circuit-scores-card" }, h("h2", {}, diff ? "Scores and diff" : "Scores"),
+          h("div", { class: diff ? "circuit-two" : "" }, h("div", { id: "circuit-scores-box" }), diff ? diffSummary(diff) : null),
+          kind === "circuit" && roles.length > 1 && available.includes("circuit-diff") && pair ? runDiffButton() : null),
+        diff ? h("section", { class: "card" }, h("h2", {}, "Features"), featureLists(diff, tokens, {
+          hover: (marks) => mark(marks), select: (role, id) => select(role, id), open: openSpec })) : null,
+        diff ? h("section", { class: "card" }, h("h2", {}, "Largest edge-weight changes"), edgeChanges(diff, name)) : null,
+        result && result.roles ? h("section", { class: "card" }, h("h2", {}, "Top paths"), topPaths(result, roles)) : null);
     }
+    const box = details.querySelector("#circuit-scores-box");
+    if (box) replace(box, scoresTable(result, graphs, roles, counts));
   }
 
+  /** For a `circuit` of several roles: run the circuit-diff of the same prompt (features matched by decoder cosine). */
+  function runDiffButton() {
+    const [a, b] = roles.includes("original") && roles.includes("ln_free") ? ["original", "ln_free"] : roles.slice(0, 2);
+    const box = h("div", { style: { marginTop: "10px" } });
+    const btn = h("button", { type: "button", class: "small", id: "run-circuit-diff", onclick: async () => {
+      btn.disabled = true;
+      const prompt = (result && result.prompt) || meta.prompt;
+      try {
+        const { status, data } = await submitAnalysis("circuit-diff", { pair, prompts: [prompt], roles: [a, b] });
+        if (status === 200) { navigate(["circuit-diff", data.id]); return; }
+        const job = await followJob(data.id, box, { signal });
+        if (job.status === "done") navigate(["circuit-diff", job.id]);
+        else box.append(notice(job.error || job.status, { error: true }));
+      } catch (e) {
+        if (e.name !== "AbortError") box.append(notice(e.message, { error: true }));
+      }
+    } }, `Match features: run the circuit diff ${roleLabel(a)} → ${roleLabel(b)}`);
+    return h("div", {}, h("p", { class: "small muted" }, "Features of different roles are matched by decoder cosine in a circuit diff; here only embeddings, errors and logits are linked."), btn, box);
+  }
+
+  window.addEventListener("resize", drawSoon, { signal });
   draw();
-}
-
-function diffInfo(result, ref, role) {
-  if (!result) return null;
-  const d = result.diff || result.diffs;
-  if (!d) return null;
-  if (d.matched || d.gained || d.lost) return d;
-  if (Array.isArray(d.matched_nodes) && Array.isArray(d.roles)) {
-    // lnscope's CircuitDiff: roles [a, b]; matched_nodes {node_id_a, node_id_b}; only_a / only_b kept in one circuit
-    const [a, b] = d.roles;
-    if (!(new Set([a, b]).has(role) && new Set([a, b]).has(ref)) || role === ref) return null;
-    const forward = ref === a; // reference a, shown b
-    // every matched pair (not only those the server's pruning kept): statuses follow the sliders
-    return { pairs: d.matched_nodes.map((m) => (forward ? [m.node_id_a, m.node_id_b] : [m.node_id_b, m.node_id_a])) };
-  }
-  return d[`${role} - ${ref}`] || d[`${role}-${ref}`] || d[role] || null;
 }
