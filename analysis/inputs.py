@@ -22,7 +22,7 @@ def prompt_inputs(request: AnalysisRequest, tokenizer, n_ctx: int, limits: Limit
     for i, prompt in enumerate(prompts):
         n = len(tokenizer.encode(prompt, add_special_tokens=False)) + 1  # + BOS
         if n > limit:
-            raise RequestError(["body", "prompts", i], f"prompt {i} has {n} tokens; the limit is {limit} "
+            raise RequestError(["body", "prompts", i], f"prompt {i + 1} has {n} tokens; the limit is {limit} "
                                f"(model context {n_ctx}, server maximum {limits.max_prompt_tokens})")
     tokens, lengths = tokenize_prompts(tokenizer, prompts, n_ctx)
     return Inputs(tokens=tokens, end_pos=lengths - 1)

@@ -186,8 +186,8 @@ def _tokenizer(state: ServerState, spec: PairSpec):
 def _job_info(row: ResultRow) -> JobInfo:
     return JobInfo(
         id=row.id, kind=row.kind, pair=row.pair, status=row.status, progress=row.progress, stage=row.stage,
-        error=row.error, error_kind=row.error_kind, created_at=row.created_at, started_at=row.started_at,
-        finished_at=row.finished_at, timings=row.timings(),
+        error=row.error, error_kind=row.error_kind, inputs=row.inputs, created_at=row.created_at,
+        started_at=row.started_at, finished_at=row.finished_at, timings=row.timings(),
         links={"job": f"{API_PREFIX}/jobs/{row.id}", "result": f"{API_PREFIX}/results/{row.id}"},
     )
 
@@ -208,7 +208,7 @@ def _manifest_key(state: ServerState, spec: PairSpec, roles: list[str]) -> dict[
 
 def _failure_response(row: ResultRow) -> None:
     status = {"model_load": 409, "oom": 503, "invalid": 422, "timeout": 504, "queue_full": 503, "cancelled": 409,
-              "interrupted": 503, "database": 503}.get(row.error_kind or "", 500)
+              "interrupted": 503, "database": 503, "worker_died": 503}.get(row.error_kind or "", 500)
     headers = {"Retry-After": "30"} if status == 503 else None
     raise ApiError(status, row.error or "failed", headers)
 
@@ -244,7 +244,8 @@ def _job_for(state: ServerState, run: PreparedRun, row_id: str) -> Job:
     """The queued work of a prepared run: its units on the executor's models, the combined result stored."""
 
     def job(progress):
-        payload = state.executor.run(run, progress).model_dump(mode="json")
+        result = state.executor.run(run, progress, time_limit_s=state.settings.job_timeout_s)
+        payload = result.model_dump(mode="json")
         manifest = payload.pop("manifest", None)  # stored once, in the row, for every role
         return json.dumps(payload), manifest
 

@@ -43,8 +43,9 @@ class Executor(Protocol):
 
     def stop(self) -> None: ...
 
-    def run(self, run: PreparedRun, progress: Progress) -> BaseModel:
-        """The combined result of `run` (blocking; called on a job worker thread)."""
+    def run(self, run: PreparedRun, progress: Progress, *, time_limit_s: float | None = None) -> BaseModel:
+        """The combined result of `run` (blocking; called on a job worker thread); model workers elsewhere stop
+        a unit at `time_limit_s` themselves (here the job's Progress does)."""
 
     def workers(self) -> list[WorkerInfo]: ...
 
@@ -79,7 +80,7 @@ class LocalExecutor:
         with self._guard:
             return [self._activity.setdefault((pair, role), _Activity()) for role in roles]
 
-    def run(self, run: PreparedRun, progress: Progress) -> BaseModel:
+    def run(self, run: PreparedRun, progress: Progress, *, time_limit_s: float | None = None) -> BaseModel:
         progress.stage("loading models", 0.0)
         models = {role: self.state.load_role(run.pair, role) for role in run.roles}
         activity = self._track(run.pair.name, run.roles)

@@ -397,6 +397,8 @@ class JobManager:
             return self._stopped(job, "cancelled by request")
         if isinstance(exc, ModelLoadError):
             return "failed", str(exc), "model_load"
+        if getattr(exc, "error_kind", None):  # an error that names its own kind (e.g. a model worker that died)
+            return "failed", str(exc), exc.error_kind
         if isinstance(exc, LnscopeError):
             return "failed", str(exc), "invalid"
         if is_out_of_memory(exc):

@@ -77,6 +77,8 @@ class JobInfo(BaseModel):
     started_at: UtcDatetime | None = None
     finished_at: UtcDatetime | None = None
     timings: dict[str, float | None]
+    inputs: dict[str, Any] | None = Field(default=None, description="the request as stored: pair, roles, "
+                                          "prompts / task / text, options")
     queue_position: int | None = Field(default=None, description="queued: 1 + the jobs before it that need one of "
                                        "its models (FIFO per model); None once it runs")
     links: dict[str, str]

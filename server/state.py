@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import torch
@@ -170,4 +171,6 @@ def make_executor(state: ServerState) -> Executor:
         from lnscope.server.ray_executor import RayExecutor
     except ImportError as exc:
         raise ConfigError(f"LNSCOPE_EXECUTOR=ray needs Ray: pip install 'lnscope[cluster]' ({exc})") from None
-    return RayExecutor(state.settings.ray_address, device=state.settings.device, dtype=state.settings.dtype)
+    # A local instance (no address) gets logical CPU slots for a trio of workers even on a 2-core machine.
+    local = {} if state.settings.ray_address else {"num_cpus": max(os.cpu_count() or 1, 8)}
+    return RayExecutor(state.settings.ray_address, device=state.settings.device, dtype=state.settings.dtype, **local)

@@ -257,11 +257,11 @@ def test_custom_pairs_and_validation(bpe):
     logits = torch.zeros(2, batch.clean_tokens.shape[1], len(bpe))
     logits[:, :, tid(bpe, " Mary")] = 2.0
     assert batch.metric(logits).tolist() == [2.0, 2.0]
-    with pytest.raises(ValueError, match=r"pair 1: 'correct'"):
+    with pytest.raises(ValueError, match=r"pair 2: 'correct'"):
         make_custom(bpe, [pair, {**pair, "correct": " Mary and"}])
-    with pytest.raises(ValueError, match=r"pair 0: 'clean' and 'corrupt'"):
+    with pytest.raises(ValueError, match=r"pair 1: 'clean' and 'corrupt'"):
         make_custom(bpe, [{**pair, "corrupt": "When Mary went to the store, Mary gave a drink to"}])
-    with pytest.raises(ValueError, match=r"pair 0: missing field 'wrong'"):
+    with pytest.raises(ValueError, match=r"pair 1: missing field 'wrong'"):
         make_custom(bpe, [{k: v for k, v in pair.items() if k != "wrong"}])
     with pytest.raises(ValueError, match="at least one pair"):
         make_custom(bpe, [])

@@ -42,7 +42,9 @@ class FidelityOptions(KindOptions):
     chunk_size: int | None = CHUNK_SIZE
     normalize: bool = False
     top_k: int = Field(default=10, ge=1, le=1000)
-    group_size: int = Field(default=8, ge=1, description="prompts per group; the task's prompts form the task set")
+    group_size: int | None = Field(
+        default=None, ge=1, description="prompts per group; the task's prompts form the task set "
+        "(default: n_prompts // 5, at least 1, so 5 or more prompts give 5+ groups)")
     n_bootstrap: int = Field(default=1000, ge=0, le=10000)
 
 
@@ -60,9 +62,18 @@ def act_patch_unit(ctx: UnitContext) -> ActPatchResult:
                                chunk_size=o.chunk_size, normalize=o.normalize, progress=ctx.progress)
 
 
+MIN_GROUPS = 5  # a bootstrap CI over fewer groups is unreliable
+
+
+def default_group_size(n_prompts: int) -> int:
+    """Prompts per group when the request names none: n // 5 (at least 1), so n >= 5 prompts give >= 5 groups."""
+    return max(1, n_prompts // MIN_GROUPS)
+
+
 def prepare_groups(options: FidelityOptions, inputs: Inputs, tokenizer, limits: Limits, n_ctx: int) -> dict[str, Any]:
     """The task set: consecutive groups of `group_size` prompts."""
-    t, size = inputs.task, options.group_size
+    t = inputs.task
+    size = options.group_size or default_group_size(len(t))
     return {"groups": [t.subset(slice(start, start + size)) for start in range(0, len(t), size)]}
 
 

@@ -36,6 +36,7 @@ class CustomBatch(LogitDiffBatch):
 
 
 def _answer_id(tokenizer: PreTrainedTokenizerBase, text: str, index: int, key: str) -> int:
+    """The one token id of an answer; `index` numbers the pair from 1, as messages do."""
     ids = encode(tokenizer, text)
     if len(ids) != 1:
         raise ValueError(
@@ -50,12 +51,12 @@ def validate_pairs(pairs: Sequence[Mapping[str, str]]) -> None:
         raise ValueError("custom task needs at least one pair")
     for i, pair in enumerate(pairs):
         if not isinstance(pair, Mapping):
-            raise ValueError(f"pair {i}: expected an object with fields {', '.join(PAIR_FIELDS)}")
+            raise ValueError(f"pair {i + 1}: expected an object with fields {', '.join(PAIR_FIELDS)}")
         for key in PAIR_FIELDS:
             if key not in pair:
-                raise ValueError(f"pair {i}: missing field {key!r}")
+                raise ValueError(f"pair {i + 1}: missing field {key!r}")
             if not isinstance(pair[key], str) or not pair[key]:
-                raise ValueError(f"pair {i}: field {key!r} must be a non-empty string")
+                raise ValueError(f"pair {i + 1}: field {key!r} must be a non-empty string")
 
 
 def make_custom(
@@ -74,13 +75,13 @@ def make_custom(
     for i, pair in enumerate(pairs):
         if len(clean_ids[i]) != len(corrupt_ids[i]):
             raise ValueError(
-                f"pair {i}: 'clean' and 'corrupt' must tokenize to the same length; got "
+                f"pair {i + 1}: 'clean' and 'corrupt' must tokenize to the same length; got "
                 f"{len(clean_ids[i])} and {len(corrupt_ids[i])} tokens"
             )
         answers.append(
             [
-                _answer_id(tokenizer, pair["correct"], i, "correct"),
-                _answer_id(tokenizer, pair["wrong"], i, "wrong"),
+                _answer_id(tokenizer, pair["correct"], i + 1, "correct"),
+                _answer_id(tokenizer, pair["wrong"], i + 1, "wrong"),
             ]
         )
     pad = pad_id(tokenizer)

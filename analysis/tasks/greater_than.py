@@ -183,7 +183,7 @@ def make_greater_than(
         tail = tokens.century_ids[centuries[i]]
         if len(a) != len(b) or a[-len(tail) :] != tail:
             raise ValueError(
-                f"greater-than prompt {i} does not tokenize as expected (clean and corrupt must "
+                f"greater-than prompt {i + 1} does not tokenize as expected (clean and corrupt must "
                 f"have the same length and end with the century tokens): {clean[i]!r}"
             )
     pad = pad_id(tokenizer)

@@ -140,7 +140,7 @@ def _tokenize_aligned(tokenizer: PreTrainedTokenizerBase, prompts: list[_Prompt]
     corrupt_ids = tokenize_prompts(tokenizer, [p.corrupt for p in prompts], prepend_bos)
     for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)):
         if len(a) != len(b):  # names are single tokens, so this means a tokenizer surprise
-            raise ValueError(f"IOI prompt {i}: clean and corrupt differ in length: {prompts[i].clean!r}")
+            raise ValueError(f"IOI prompt {i + 1}: clean and corrupt differ in length: {prompts[i].clean!r}")
     return clean_ids, corrupt_ids
 
 

@@ -78,3 +78,42 @@ export function segmented(options, current, onChange, attrs = {}) {
 export function tokenText(text) {
   return String(text).replace(/ /g, "·").replace(/\n/g, "⏎").replace(/\t/g, "⇥");
 }
+
+const REPLACEMENT = "\uFFFD";
+
+/**
+ * Display labels of `tokens` ([{text}], as POST /tokenize returns them) of `text`: byte-level tokens
+ * that decode to "�" on their own show as their bytes ("<0xE2>") when each is one byte of the
+ * character they form, else as that character with their part ("é 1/2").
+ */
+export function tokenLabels(text, tokens) {
+  const labels = [];
+  let at = 0;
+  for (let i = 0; i < tokens.length;) {
+    const t = tokens[i].text;
+    if (!t.includes(REPLACEMENT)) {
+      if (text.startsWith(t, at)) at += t.length;
+      labels.push(tokenText(t));
+      i += 1;
+      continue;
+    }
+    let j = i;
+    while (j < tokens.length && tokens[j].text.includes(REPLACEMENT)) j += 1;
+    const next = j < tokens.length ? text.indexOf(tokens[j].text, at) : -1;
+    const end = next >= 0 ? next : text.length;
+    labels.push(...byteRunLabels(text.slice(at, end), tokens.slice(i, j).map((x) => x.text)));
+    at = end;
+    i = j;
+  }
+  return labels;
+}
+
+/** Labels of a run of tokens that only together form `span`. */
+function byteRunLabels(span, texts) {
+  const bytes = new TextEncoder().encode(span);
+  if (texts.every((t) => t === REPLACEMENT) && bytes.length === texts.length) {
+    return Array.from(bytes, (b) => `<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`);
+  }
+  if (texts.length === 1) return [tokenText(span || texts[0])];
+  return texts.map((_, k) => `${tokenText(span)} ${k + 1}/${texts.length}`);
+}

@@ -1,5 +1,6 @@
 // Form fields that can show the server's message next to the input that caused it.
 
+import { labelled } from "./format.js";
 import { h } from "./dom.js";
 
 /** A labelled field; `path` is the API location it answers for ("options.target.token", "prompts"). */
@@ -51,7 +52,7 @@ export function showErrors(roots, fields) {
       : idx !== null ? `item ${idx + 1}: ` : hit.rest.length ? `${hit.rest.join(".")}: ` : "";
     hit.el.classList.add("has-error");
     const err = hit.el.querySelector(":scope > .field-error");
-    const msg = what + f.msg;
+    const msg = labelled(f.msg, what);
     err.textContent = err.textContent ? `${err.textContent}; ${msg}` : msg;
     if (!first) first = hit.el;
   }

@@ -41,3 +41,32 @@ export function fmtDuration(s) {
 export function signClass(x) {
   return x > 0 ? "pos" : x < 0 ? "neg" : "";
 }
+
+/** `s` cut to `n` characters with an ellipsis (from the end when `tail`, to keep a prompt's last words). */
+export function truncate(s, n, { tail = false } = {}) {
+  const t = String(s ?? "");
+  if (t.length <= n) return t;
+  return tail ? `…${t.slice(t.length - n + 1)}` : `${t.slice(0, n - 1)}…`;
+}
+
+/** `message` behind `prefix` ("prompt 2: "), unless the message already names it: server messages number
+ * prompts and pairs from 1, as the page does. */
+export function labelled(message, prefix = "") {
+  const text = String(message ?? "");
+  const named = prefix.replace(/:\s*$/, "");
+  return named && text.toLowerCase().includes(named.toLowerCase()) ? text : prefix + text;
+}
+
+/** Options as "key=value · key=value" (nested objects flattened), for one-line summaries. */
+export function optionsDigest(options, maxLength = 90) {
+  const parts = [];
+  const walk = (obj, prefix) => {
+    for (const [k, v] of Object.entries(obj || {})) {
+      if (v === null || v === undefined) continue;
+      if (typeof v === "object" && !Array.isArray(v)) walk(v, `${prefix}${k}.`);
+      else parts.push(`${prefix}${k}=${Array.isArray(v) ? v.join(",") : typeof v === "string" ? JSON.stringify(v) : v}`);
+    }
+  };
+  walk(options, "");
+  return truncate(parts.join(" · "), maxLength);
+}

@@ -86,12 +86,12 @@ export function minMax(values) {
 }
 
 /** A layer x something heatmap on a diverging scale centred at 0, symmetric range [-zmax, zmax]. */
-export function divergingHeatmap({ z, x, y, zmax, colorbarTitle = "", hovertemplate, customdata, showscale = true, name }) {
+export function divergingHeatmap({ z, x, y, zmax, colorbarTitle = "", hovertemplate, customdata, showscale = true, name, gap = 1 }) {
   const m = zmax ?? maxAbs(z);
   return {
     type: "heatmap", z, x, y, customdata, name,
     zmin: -m, zmax: m, zmid: 0, colorscale: DIVERGING,
-    xgap: 1, ygap: 1, showscale,
+    xgap: gap, ygap: gap, showscale,
     colorbar: { title: { text: colorbarTitle, side: "right" }, thickness: 11, outlinewidth: 0, len: 0.92, tickfont: { size: 10.5 } },
     hovertemplate: hovertemplate || "%{y} %{x}<br>%{z:.4g}<extra></extra>",
     hoverongaps: false,
@@ -124,4 +124,22 @@ export function shapeOf(z) {
   let v = z;
   while (Array.isArray(v)) { s.push(v.length); v = v[0]; }
   return s;
+}
+
+/**
+ * A labelled horizontal reference line: {shape, annotation} for a layout's shapes / annotations.
+ * `log`: the y axis is logarithmic (Plotly places shapes and annotations there in log10 units).
+ */
+export function referenceLine(value, text, { color = "#868e96", yref = "y", xref = "paper", log = false } = {}) {
+  const y = log ? Math.log10(value) : value;
+  return {
+    shape: { type: "line", xref, yref, x0: 0, x1: 1, y0: y, y1: y, line: { color, dash: "dash", width: 1.2 } },
+    annotation: { xref, yref, x: 1, y, xanchor: "right", yanchor: "bottom", text, showarrow: false,
+      font: { size: 11, color }, bgcolor: "rgba(255,255,255,0.8)" },
+  };
+}
+
+/** Tick angle for `n` category labels of up to `chars` characters on a plot about `widthPx` wide. */
+export function tickAngle(n, chars, widthPx) {
+  return n * (chars * 6.5 + 8) > widthPx ? -45 : 0;
 }

@@ -3,8 +3,9 @@
 
 import { API, getResult } from "../api.js";
 import { h, replace } from "../dom.js";
-import { fmtDuration } from "../format.js";
+import { fmtDuration, optionsDigest, truncate } from "../format.js";
 import { followJob } from "../progress.js";
+import { parseHash } from "../router.js";
 import { roleColor, roleLabel } from "../roles.js";
 
 export const KIND_TITLE = {
@@ -59,7 +60,7 @@ export async function loadResult(root, id, signal) {
 export function jobFailure(job) {
   return h("div", { class: "card" },
     h("h2", {}, `${kindTitle(job.kind)}: ${job.status}`),
-    notice(job.error || `the job is ${job.status}`, { error: job.status === "failed" }),
+    notice(job.error ? job.error : `the job is ${job.status}`, { error: job.status === "failed" }),
     h("p", { class: "small" }, h("a", { href: "#/" }, "← back to the analyses"), " · ",
       h("a", { href: `#/history?kind=${encodeURIComponent(job.kind || "")}` }, "history")));
 }
@@ -76,6 +77,29 @@ export function inputsSummary(inputs = {}) {
   if (inputs.text) parts.push(h("span", {}, h("b", {}, "text "), `${inputs.text.length} × custom`));
   if (!inputs.task && !inputs.prompts && !inputs.text) parts.push(h("span", {}, h("b", {}, "input "), "the pair's default"));
   return parts;
+}
+
+/** Plain-text digest of a result's inputs for lists: what ran on what, which roles, which options. */
+export function inputsDigest(inputs = {}) {
+  const t = inputs.task;
+  const what = t ? (t.name === "custom" ? `custom task, ${(t.pairs || []).length} pairs: "${truncate((t.pairs || [])[0] ? t.pairs[0].clean : "", 40, { tail: true })}"`
+    : `${t.name} task, ${t.n_prompts ?? "?"} prompts, seed ${t.seed ?? 0}`)
+    : inputs.prompts && inputs.prompts.length ? `${inputs.prompts.length} prompt${inputs.prompts.length === 1 ? "" : "s"}: "${truncate(inputs.prompts[0], 40, { tail: true })}"`
+      : inputs.text ? `${inputs.text.length} custom text${inputs.text.length === 1 ? "" : "s"}` : "the pair's default text";
+  return { what, roles: inputs.roles || [], options: optionsDigest(inputs.options || {}) };
+}
+
+const CACHED_KEY = "lnscope.cached.";
+
+/** Remember that the POST for result `id` answered from the cache (cached: true), for its page's badge. */
+export function markCached(id) {
+  try { sessionStorage.setItem(CACHED_KEY + id, "1"); } catch { /* storage disabled */ }
+}
+
+/** Whether this result page shows a result the server returned from its cache. */
+export function openedFromCache(out) {
+  if (out.cached || parseHash().query.cached === "1") return true;
+  try { return sessionStorage.getItem(CACHED_KEY + out.id) === "1"; } catch { return false; }
 }
 
 function targetSummary(inputs) {
@@ -106,9 +130,11 @@ export function resultHeader(out, { title, sub, extra = [] } = {}) {
         h("span", {}, h("b", {}, "pair "), out.pair),
         h("span", { class: "role-badges" }, roles.map((r) => roleBadge(r))),
         inputsSummary(inputs), targetSummary(inputs),
-        total !== null ? h("span", { title: `result ${out.id}` }, h("b", {}, "computed in "), fmtDuration(total), out.cached ? " (cached)" : "") : null,
+        total !== null ? h("span", { title: `result ${out.id}` }, h("b", {}, "computed in "), fmtDuration(total)) : null,
+        openedFromCache(out) ? h("span", { class: "badge cached", id: "cached-badge", title: "an identical earlier request's stored result: nothing was recomputed" }, "cached") : null,
         ...extra),
-      inputs.prompts && inputs.prompts.length ? h("ol", { class: "prompt-list" }, inputs.prompts.slice(0, 20).map((p) => h("li", {}, p))) : null),
+      inputs.prompts && inputs.prompts.length ? h("ol", { class: "prompt-list" }, inputs.prompts.slice(0, 20).map((p) => h("li", {}, p))) : null,
+      inputs.options && Object.keys(inputs.options).length ? h("div", { class: "options-digest small muted mono", title: JSON.stringify(inputs.options, null, 1) }, optionsDigest(inputs.options, 160)) : null),
     h("div", { class: "actions" }, copy, raw,
       h("a", { class: "btn small", href: `#/history?pair=${encodeURIComponent(out.pair)}&kind=${encodeURIComponent(out.kind)}` }, "History")));
 }

@@ -3,7 +3,7 @@
 
 import { h, replace, segmented } from "../dom.js";
 import { fmt, fmtPct } from "../format.js";
-import { maxAbs, render as plot } from "../plots.js";
+import { maxAbs, referenceLine, render as plot } from "../plots.js";
 import { setQuery } from "../router.js";
 import { roleColor, roleLabel, sortRoles } from "../roles.js";
 import { loadResult, manifestCard, notice, resultHeader, roleTitle } from "./common.js";
@@ -22,7 +22,7 @@ export async function render({ root, route, signal }) {
   const scatterPlots = Object.fromEntries(roles.map((r) => [r, h("div", { class: "plot tall", id: `conf-scatter-${r}`, dataset: { role: r } })]));
   const scatterCard = h("section", { class: "card" },
     h("div", { class: "card-head" }, h("h2", {}, `Null-space fraction ρ vs ‖W_out‖ · layer ${result.layer}`),
-      h("span", { class: "hint" }, `every neuron of the layer; ringed: candidates; dashed: random-direction ρ = √(k/d_model)`)),
+      h("span", { class: "hint" }, `every neuron of the layer; ringed: candidates; ρ on a log scale; dashed: random-direction ρ = √(k/d_model)`)),
     h("div", { class: "roles-grid" }, roles.map((r) => h("div", { class: "plot-cell" }, roleTitle(r, `k = ${result.roles[r].k}`), scatterPlots[r]))));
 
   // -- effects -------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ export async function render({ root, route, signal }) {
 
   // shared axes across roles
   const normMax = Math.max(...roles.map((r) => Math.max(...result.roles[r].weights.w_out_norm))) * 1.05;
-  const rhoMax = Math.max(...roles.map((r) => Math.max(...result.roles[r].weights.rho, result.roles[r].rho_random_baseline))) * 1.08;
+  const rhoRange = logRange(roles.flatMap((r) => [...result.roles[r].weights.rho, result.roles[r].rho_random_baseline]));
   for (const [i, role] of roles.entries()) {
     const r = result.roles[role];
     const w = r.weights;
@@ -86,11 +86,12 @@ export async function render({ root, route, signal }) {
       text: flagged.map((n) => n.neuron), marker: { color: roleColor(role, i), size: 9, symbol: "diamond" },
       hovertemplate: "flagged %{text}<br>‖W_out‖ %{x:.3g}<br>ρ %{y:.3g}<extra></extra>",
     });
+    const baseline = referenceLine(r.rho_random_baseline, `random direction ρ = √(${r.k}/${r.d_model}) = ${fmt(r.rho_random_baseline, 3)}`, { log: true });
     plot(scatterPlots[role], traces, {
       title: `${roleLabel(role)} · layer ${r.layer} (${r.d_mlp} neurons)`, height: 380,
       xaxis: { title: { text: "‖W_out[n]‖ (L2)" }, range: [0, normMax], gridcolor: "#f1f3f5", zeroline: false },
-      yaxis: { title: { text: "ρ: fraction in W_U's bottom-k space" }, range: [0, rhoMax], gridcolor: "#f1f3f5", zeroline: false },
-      shapes: [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: r.rho_random_baseline, y1: r.rho_random_baseline, line: { color: "#868e96", dash: "dash", width: 1 } }],
+      yaxis: { title: { text: "ρ: fraction in W_U's bottom-k space (log)" }, type: "log", range: rhoRange, exponentformat: "power", gridcolor: "#f1f3f5", zeroline: false },
+      shapes: [baseline.shape], annotations: [baseline.annotation],
       legend: { orientation: "h", y: -0.2 },
     });
   }
@@ -132,6 +133,15 @@ export async function render({ root, route, signal }) {
 
   drawEffects();
   drawFraction();
+}
+
+/** A log10 axis range covering the positive values (zeros cannot be drawn on a log axis), padded. */
+function logRange(values) {
+  const pos = values.filter((v) => typeof v === "number" && v > 0);
+  if (!pos.length) return [-3, 0];
+  const lo = Math.log10(Math.min(...pos)), hi = Math.log10(Math.max(...pos));
+  const pad = Math.max(0.15, (hi - lo) * 0.06);
+  return [lo - pad, hi + pad];
 }
 
 function topCard(top, roles) {

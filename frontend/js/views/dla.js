@@ -3,8 +3,8 @@
 // toggle re-draws from the stored result (no new request).
 
 import { h, replace, segmented } from "../dom.js";
-import { fmt, fmtCI, signClass } from "../format.js";
-import { divergingHeatmap, heatmapLayout, maxAbs, range, render as plot } from "../plots.js";
+import { fmt, fmtCI, signClass, truncate } from "../format.js";
+import { divergingHeatmap, heatmapLayout, maxAbs, range, render as plot, tickAngle } from "../plots.js";
 import { setQuery } from "../router.js";
 import { roleColor, roleLabel, sortRoles } from "../roles.js";
 import { loadResult, manifestCard, notice, resultHeader, roleTitle } from "./common.js";
@@ -52,7 +52,8 @@ export async function render({ root, route, signal }) {
     { id: "treatment-toggle", "aria-label": "LayerNorm treatment" });
   const promptSelect = first.n_prompts > 1 ? h("select", { id: "dla-prompt", "aria-label": "prompt" },
     h("option", { value: "mean", selected: state.prompt === "mean" }, `mean over ${first.n_prompts} prompts`),
-    range(first.n_prompts).map((i) => h("option", { value: i, selected: state.prompt === i }, promptLabel(out, i)))) : null;
+    range(first.n_prompts).map((i) => h("option", { value: i, selected: state.prompt === i, title: promptText(out, i) || null },
+      promptLabel(out, i, targetsOf(result, roles, i))))) : null;
   if (promptSelect) promptSelect.addEventListener("change", () => {
     state.prompt = promptSelect.value === "mean" ? "mean" : Number(promptSelect.value);
     setQuery({ prompt: state.prompt === "mean" ? undefined : state.prompt });
@@ -142,8 +143,7 @@ export async function render({ root, route, signal }) {
   }
 
   function drawLayers(t) {
-    const cats = ["embed", "pos_embed"];
-    for (let l = 0; l < nLayers; l++) cats.push(`L${l} attn`, `L${l} MLP`);
+    const cats = ["embed", "pos_embed", ...range(nLayers).flatMap((l) => [`L${l} attn`, `L${l} MLP`])];
     const traces = roles.map((role) => {
       const tr = result.roles[role].treatments[t];
       const pick = state.prompt === "mean" ? null : state.prompt;
@@ -168,9 +168,9 @@ export async function render({ root, route, signal }) {
     plot(layersPlot, traces, {
       title: `Attribution per component · ${TREATMENT_LABEL[t]}`, barmode: "group", height: 380,
       yaxis: { title: { text: unit }, zeroline: true, zerolinecolor: "#9aa3b5", gridcolor: "#eef0f4" },
-      xaxis: { tickangle: cats.length > 14 ? -45 : 0 },
+      xaxis: { type: "category", tickangle: tickAngle(cats.length, 9, layersPlot.clientWidth || 420), tickfont: { size: 11 }, automargin: true },
       legend: { orientation: "h", y: 1.02, yanchor: "bottom", x: 1, xanchor: "right" },
-      margin: { t: 56 },
+      margin: { t: 56, b: 70 },
     });
   }
 
@@ -267,8 +267,23 @@ function slug(s) {
   return s.replace(/[^a-z0-9]+/gi, "-").replace(/^-|-$/g, "");
 }
 
-function promptLabel(out, i) {
-  const p = out.inputs && out.inputs.prompts ? out.inputs.prompts[i] : null;
-  if (!p) return `prompt ${i + 1}`;
-  return `${i + 1}: ${p.length > 48 ? "…" + p.slice(-46) : p}`;
+/** The text of prompt i where the result's inputs hold it (prompts, or a custom task's clean prompts). */
+function promptText(out, i) {
+  const inputs = out.inputs || {};
+  if (inputs.prompts) return inputs.prompts[i] || null;
+  if (inputs.task && inputs.task.name === "custom" && inputs.task.pairs && inputs.task.pairs[i]) return inputs.task.pairs[i].clean;
+  return null;
+}
+
+/** Each role's target value on prompt i: "original 10.97 · LN-free 2.94". */
+function targetsOf(result, roles, i) {
+  return roles.map((r) => `${roleLabel(r)} ${fmt((result.roles[r].target_value || [])[i], 3)}`).join(" · ");
+}
+
+/** An option of the prompt selector: number, the prompt's last words, and the roles' target values. */
+function promptLabel(out, i, targets) {
+  const p = promptText(out, i);
+  const task = out.inputs && out.inputs.task;
+  const what = p ? `"${truncate(p, 40, { tail: true })}"` : task ? `${task.name} prompt ${i + 1}` : "";
+  return `${i + 1}: ${what}${targets ? ` — ${targets}` : ""}`;
 }

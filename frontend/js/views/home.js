@@ -381,7 +381,7 @@ export async function render({ root, signal }) {
     try {
       const { status, data } = await submitAnalysis(kind.name, body(kind, opts));
       if (status === 200) {
-        navigate([kind.name, data.id]);
+        navigate([kind.name, data.id], data.cached ? { cached: 1 } : undefined);  // the page marks a cached rerun
         return;
       }
       runBtn.textContent = "Running…";

@@ -2,8 +2,8 @@
 // constants of the LN-free model, residual-stream norms; and the trio's cross-entropy table.
 
 import { tokenize } from "../api.js";
-import { h, replace, segmented, tokenText } from "../dom.js";
-import { fmt, fmtCI, fmtSigned } from "../format.js";
+import { h, replace, segmented, tokenLabels } from "../dom.js";
+import { fmt, fmtCI, fmtSigned, truncate } from "../format.js";
 import { SEQUENTIAL, heatmapLayout, minMax, range, render } from "../plots.js";
 import { setQuery } from "../router.js";
 import { roleColor, roleLabel, sortRoles } from "../roles.js";
@@ -36,17 +36,21 @@ export async function renderStats({ root, route, signal }) {
     site: sites.includes(route.query.site) ? route.query.site : sites[0] || "ln1",
     prompt: route.query.prompt !== undefined && Number(route.query.prompt) < nPrompts ? Number(route.query.prompt) : "mean",
   };
-  const posLabels = await firstPromptTokens(out);
+  const prompts = (out.inputs && out.inputs.prompts) || [];
+  const tokensOf = promptTokens(out, signal);
+  let posLabels = await tokensOf(state.prompt === "mean" ? (nPrompts === 1 ? 0 : null) : state.prompt);
 
   const siteToggle = segmented(sites.map((s) => ({ value: s, label: s, title: SITE_LABEL[s] })), state.site,
     (s) => { state.site = s; setQuery({ site: s }); drawScales(); }, { id: "site-toggle", "aria-label": "LayerNorm" });
   const hasPer = withLN.some((r) => result.roles[r].ln1_scale);
   const promptSel = nPrompts > 1 && hasPer ? h("select", { id: "ln-prompt", "aria-label": "prompt" },
     h("option", { value: "mean", selected: state.prompt === "mean" }, `mean over ${nPrompts} prompts`),
-    range(nPrompts).map((i) => h("option", { value: i, selected: state.prompt === i }, `prompt ${i + 1}`))) : null;
-  if (promptSel) promptSel.addEventListener("change", () => {
+    range(nPrompts).map((i) => h("option", { value: i, selected: state.prompt === i, title: prompts[i] || null },
+      prompts[i] ? `${i + 1}: "${truncate(prompts[i], 40, { tail: true })}"` : `prompt ${i + 1}`))) : null;
+  if (promptSel) promptSel.addEventListener("change", async () => {
     state.prompt = promptSel.value === "mean" ? "mean" : Number(promptSel.value);
     setQuery({ prompt: state.prompt === "mean" ? undefined : state.prompt });
+    posLabels = await tokensOf(state.prompt === "mean" ? null : state.prompt);
     drawScales();
     drawNormMaps();
   });
@@ -77,7 +81,7 @@ export async function renderStats({ root, route, signal }) {
     return per ? per[state.prompt] : r[`${key}_mean`];
   }
   function xLabels(n) {
-    return range(n).map((i) => (posLabels && posLabels[i] !== undefined && (state.prompt === "mean" || state.prompt === 0) ? `${i} ${posLabels[i]}` : String(i)));
+    return range(n).map((i) => (posLabels && posLabels[i] !== undefined ? `${i} ${posLabels[i]}` : String(i)));
   }
 
   function drawScales() {
@@ -166,15 +170,19 @@ function layerTable(result, roles) {
     h("tbody", {}, rows))));
 }
 
-async function firstPromptTokens(out) {
-  const p = out.inputs && out.inputs.prompts && out.inputs.prompts[0];
-  if (!p) return null;
-  try {
-    const t = await tokenize(out.pair, p, true);
-    return t.tokens.map((x) => tokenText(x.text));
-  } catch {
-    return null;
-  }
+/** tokens(i): display labels of prompt i's tokens (null for null or a prompt the inputs do not hold). */
+function promptTokens(out, signal) {
+  const prompts = (out.inputs && out.inputs.prompts) || [];
+  return async (i) => {
+    if (i === null || !prompts[i]) return null;
+    try {
+      const t = await tokenize(out.pair, prompts[i], true, signal);
+      return tokenLabels(prompts[i], t.tokens);
+    } catch (e) {
+      if (e.name === "AbortError") throw e;
+      return null;
+    }
+  };
 }
 
 // -- loss ---------------------------------------------------------------------------------------
