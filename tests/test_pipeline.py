@@ -27,7 +27,8 @@ def tiny():
 
 def test_the_table_is_written_out_with_the_api_s_kind_names():
     assert list(KINDS) == ["dla", "ln-stats", "loss", "confidence-neurons", "attribution-patching",
-                           "activation-patching", "patching-fidelity", "circuit", "circuit-diff", "feature"]
+                           "activation-patching", "patching-fidelity", "circuit", "circuit-diff", "feature",
+                           "intervene"]
     for name, kind in KINDS.items():
         assert isinstance(kind, Kind) and kind.name == name
         assert issubclass(kind.options, KindOptions) and callable(kind.unit) and callable(kind.combine)

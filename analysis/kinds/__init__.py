@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from lnscope.analysis.kinds import circuits, confidence, costs, dla, ln_stats, patching
+from lnscope.analysis.kinds import circuits, confidence, costs, dla, intervene, ln_stats, patching
 from lnscope.analysis.kinds.base import (
     CombineContext,
     Inputs,
@@ -74,6 +74,11 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
          inputs="none", options=circuits.FeatureOptions, resources=circuits.transcoder_resources,
          unit=circuits.feature_unit, combine=circuits.combine_feature, summarize=circuits.summarize_feature,
          result_order="roles"),
+    Kind("intervene", "Ablate heads, neurons, MLPs or the residual stream, edit transcoder features or steer, in every "
+         "role: next-token top-k, KL, metric change, and each edit's actual change against its linear prediction",
+         cost=intervene.cost,
+         inputs="prompts_or_task", options=intervene.IntervenOptions, prepare=intervene.prepare, unit=intervene.unit,
+         shares=intervene.shares, combine=intervene.combine, summarize=intervene.summarize),
 )}
 
 __all__ = ["KINDS", "CombineContext", "Inputs", "Kind", "KindOptions", "Limits", "NoOptions", "RequestError",
