@@ -60,11 +60,13 @@ export function labelled(message, prefix = "") {
 /** Options as "key=value · key=value" (nested objects flattened), for one-line summaries. */
 export function optionsDigest(options, maxLength = 90) {
   const parts = [];
+  // a list of objects (e.g. intervention edits) as their values, "ablate_head 3 1"
+  const item = (v) => (v && typeof v === "object" ? Object.values(v).filter((x) => typeof x !== "object").join(" ") : v);
   const walk = (obj, prefix) => {
     for (const [k, v] of Object.entries(obj || {})) {
       if (v === null || v === undefined) continue;
       if (typeof v === "object" && !Array.isArray(v)) walk(v, `${prefix}${k}.`);
-      else parts.push(`${prefix}${k}=${Array.isArray(v) ? v.join(",") : typeof v === "string" ? JSON.stringify(v) : v}`);
+      else parts.push(`${prefix}${k}=${Array.isArray(v) ? v.map(item).join(",") : typeof v === "string" ? JSON.stringify(v) : v}`);
     }
   };
   walk(options, "");

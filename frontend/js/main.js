@@ -12,6 +12,7 @@ import * as feature from "./views/feature.js";
 import * as generic from "./views/generic.js";
 import * as historyView from "./views/history.js";
 import * as home from "./views/home.js";
+import * as intervene from "./views/intervene.js";
 import * as job from "./views/job.js";
 import * as lnstats from "./views/lnstats.js";
 import * as patching from "./views/patching.js";
@@ -30,6 +31,7 @@ const VIEWS = {
   circuit: circuit.render,
   "circuit-diff": circuit.render,
   feature: feature.render,
+  intervene: intervene.render,
   history: historyView.render,
   job: job.render,
   result: resultRedirect,

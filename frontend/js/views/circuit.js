@@ -10,6 +10,7 @@ import { followJob } from "../progress.js";
 import { navigate, setQuery } from "../router.js";
 import { roleLabel, sortRoles } from "../roles.js";
 import { featurePage, openFeaturePage } from "./feature.js";
+import { circuitFeatureBar } from "../intervene-actions.js";
 import { loadResult, manifestCard, notice, resultHeader, roleBadge } from "./common.js";
 import { plotly, render as plot } from "../plots.js";
 import {
@@ -336,6 +337,9 @@ export function graphView(container, graphs, { result, resultId = null, kind = n
       h("div", { class: "row", style: { margin: "10px 0", alignItems: "center" } },
         isFeature ? h("button", { type: "button", class: "primary small", id: "open-feature", onclick: () => openFeature(n, sel.role) }, "Open feature page") : null,
         h("button", { type: "button", class: "small", id: "pin-node", onclick: () => togglePin(sel.role, n.node_id) }, pinned ? "Unpin" : "Pin")),
+      // ablate / steer the feature on the circuit's prompt (an error or embedding node has no feature)
+      isFeature && available.includes("intervene") ? circuitFeatureBar({ resultId, pair, role: sel.role, node: n, layer: Number.parseInt(n.layer, 10),
+        feature: featureIndex(n), roles, matches: featureMatches(sel.role, n.node_id), graph: g, signal }) : null,
       roles.length > 1 ? h("div", { class: "circuit-partners", id: "node-partners" },
         h("h3", { style: { margin: "8px 0 4px" } }, "Match in the other role"),
         partners.length ? h("ul", {}, partners.map((p) => h("li", {},

@@ -19,6 +19,7 @@ export const KIND_TITLE = {
   circuit: "Attribution graph",
   "circuit-diff": "Circuit diff",
   feature: "Feature",
+  intervene: "Intervention: ablate and steer",
 };
 
 export function kindTitle(kind) {

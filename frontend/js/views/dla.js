@@ -8,6 +8,7 @@ import { divergingHeatmap, heatmapLayout, maxAbs, range, render as plot, tickAng
 import { setQuery } from "../router.js";
 import { roleColor, roleLabel, sortRoles } from "../roles.js";
 import { loadResult, manifestCard, notice, resultHeader, roleTitle } from "./common.js";
+import { baseOf, interventionBar } from "../intervene-actions.js";
 
 export const TREATMENT_LABEL = {
   cached_scale: "cached scale",
@@ -101,6 +102,15 @@ export async function render({ root, route, signal }) {
   const neuronsCard = h("section", { class: "card" },
     h("div", { class: "card-head" }, h("h2", {}, "Top neurons"), h("span", { class: "hint" }, `by |mean attribution|, ${unit}`)), neuronsBox);
 
+  // ablate / steer the head clicked in a heatmap or the neuron clicked in a top-neurons table
+  const bar = interventionBar({ id: "dla-intervene", base: baseOf(out), hint: "click a head in a heatmap or a neuron in the top-neurons tables", signal });
+  headsCard.append(bar.el);
+  neuronsBox.classList.add("intervene-pick");
+  neuronsBox.addEventListener("click", (ev) => {
+    const m = /^L(\d+)N(\d+)$/.exec((ev.target.closest("tr")?.querySelector("td.mono")?.textContent || "").trim());
+    if (m) bar.set({ kind: "neuron", layer: Number(m[1]), index: Number(m[2]) });
+  });
+
   replace(root, resultHeader(out, {
     sub: `What each head, MLP and neuron writes towards the target ${first.target.kind === "task_metric" ? `(${first.target.task || "task"} metric)` : ""} at the last token, `
       + "under three treatments of the final LayerNorm, and how far standard DLA is from the true direct effect.",
@@ -192,6 +202,12 @@ export async function render({ root, route, signal }) {
 
   redraw();
   errorsCard.draw();
+  for (const el of Object.values(headPlots)) {
+    el.on("plotly_click", (ev) => {
+      const p = ev.points && ev.points[0];
+      if (p) bar.set({ kind: "head", layer: Number(String(p.y).slice(1)), index: Number(String(p.x).slice(1)) });
+    });
+  }
 }
 
 function errorSection(result, roles, unit) {

@@ -11,6 +11,7 @@ import { followJob } from "../progress.js";
 import { navigate } from "../router.js";
 import { roleLabel, sortRoles } from "../roles.js";
 import { loadResult, manifestCard, notice, resultHeader, roleTitle } from "./common.js";
+import { featurePageBar } from "../intervene-actions.js";
 
 function tokenLabel(t) {
   if (t === null || t === undefined) return "";
@@ -204,6 +205,7 @@ export async function render({ root, route, signal }) {
     note,
     all.length ? h("div", { class: ["feature-across", `feature-across-${Math.min(3, all.length)}`], id: "feature-across" }, all)
       : notice("This result has no feature data."),
+    out.kind === "feature" ? featurePageBar({ out, record: shownRoles.length ? roleRecord(r, shownRoles[0]) : r.feature || r, matches, circuit: route.query.circuit, signal }) : null,
     manifestCard(out));
   for (const [i, m] of matches.filter((x) => !shownRoles.includes(x.role) || shownRoles.length === 0).entries()) loadMatch(slots[i], out.pair, m, signal);
 }

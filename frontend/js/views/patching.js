@@ -11,6 +11,7 @@ import { divergingHeatmap, heatmapLayout, maxAbs, minMax, render as plot, subtra
 import { setQuery } from "../router.js";
 import { roleColor, roleLabel, sortRoles } from "../roles.js";
 import { loadResult, manifestCard, notice, resultHeader, roleTitle } from "./common.js";
+import { baseOf, interventionBar, patchingComponent } from "../intervene-actions.js";
 
 export const METHOD_LABEL = { atp: "AtP", atp_star: "AtP*", activation: "activation patching" };
 const METHOD_ORDER = ["activation", "atp", "atp_star"];
@@ -190,6 +191,9 @@ export async function render({ root, route, signal }) {
     h("div", { class: "card-head" }, h("h2", {}, "Patching effects per node"), mapsHint),
     positions.note ? h("p", { class: "small muted", id: "position-note", style: { marginTop: 0 } }, positions.note) : null,
     mapsBox);
+  // ablate / steer the node of the clicked cell
+  const bar = interventionBar({ id: "patching-intervene", base: baseOf(out), hint: "click a cell of a map (heads, neurons, resid_pre, MLP)", signal });
+  mapsCard.append(bar.el);
 
   const metricCard = metricSection(result, roles);
   const scatterPlot = h("div", { class: "plot tall", id: "patching-scatter" });
@@ -239,6 +243,13 @@ export async function render({ root, route, signal }) {
           entry: diffs[method][role] && { mean: diffs[method][role] }, zmax: dmax, unit: state.norm === "raw" ? short : `Δ (${short})`,
           name: `${roleLabel(role)} − original · ${METHOD_LABEL[method] || method}`, posLabels,
         })))) : null)));
+    // after the maps' queued draws have set up each plot's events
+    queueMicrotask(() => {
+      for (const el of mapsBox.querySelectorAll(".plot")) {
+        if (typeof el.on !== "function") continue;
+        el.on("plotly_click", (ev) => { const c = patchingComponent(state.node, ev.points && ev.points[0]); if (c) bar.set(c); });
+      }
+    });
     if (fidelity) redrawFidelity();
   }
 
