@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import math
+import os
 import secrets
+import threading
+import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,14 +21,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from lnscope.analysis import __version__
 from lnscope.analysis.errors import LnscopeError, ModelLoadError, UnknownPairError, UnknownRoleError
 from lnscope.analysis.kinds import KINDS, RequestError
-from lnscope.analysis.pairs import PairRegistry, PairSpec
+from lnscope.analysis.pairs import ModelSource, PairRegistry, PairSpec
 from lnscope.analysis.pipeline import PreparedRun, prepare_run
+from lnscope.analysis.progress import Cancelled, Progress
 from lnscope.server.frontend import mount_api_docs, mount_frontend
 from lnscope.server.jobs import Job, QueueFull, TooManyWaiters
 from lnscope.server.middleware import MaxBodySize
@@ -192,16 +199,67 @@ def _job_info(row: ResultRow) -> JobInfo:
     )
 
 
-def _result_out(row: ResultRow, cached: bool = False) -> ResultOut:
-    return ResultOut(id=row.id, kind=row.kind, pair=row.pair, status=row.status, cached=cached, inputs=row.inputs,
-                     manifest=row.manifest, timings=row.timings(),
-                     result=json.loads(row.result) if row.result else None)
+_NO_RESULT = b',"result":null}'
+
+
+def _result_out(row: ResultRow, cached: bool = False) -> Response:
+    """A row as ResultOut's JSON. The stored result text goes into the body as it is: no parse, no validation and
+    no second serialisation of what can be megabytes; ResultOut serialises the rest. Text that is not a JSON object
+    or that holds NaN / Infinity (rows stored before results were written by pydantic's encoder may) is parsed and
+    validated as before, so the body is always JSON with non-finite numbers as null."""
+    fields = dict(id=row.id, kind=row.kind, pair=row.pair, status=row.status, cached=cached, inputs=row.inputs,
+                  manifest=row.manifest, timings=row.timings())
+    text = row.result
+    if text and text[0] == "{" and "NaN" not in text and "Infinity" not in text:
+        head = ResultOut(**fields, result=None).model_dump_json().encode()
+        if head.endswith(_NO_RESULT):  # `result` is ResultOut's last field
+            return Response(b"".join((head[: -len(_NO_RESULT)], b',"result":', text.encode(), b"}")),
+                            media_type="application/json")
+    body = ResultOut(**fields, result=json.loads(text) if text else None).model_dump_json()
+    return Response(body.encode(), media_type="application/json")
+
+
+WEIGHTS_KEY_TTL_S = 2.0  # how long a role's manifest-key entry is reused while its weight files' stats are unchanged
+_weights_keys: dict[tuple, tuple[float, tuple, dict[str, Any]]] = {}  # (source, models dir) -> (when, stats, entry)
+_weights_keys_lock = threading.Lock()
+
+
+def _weight_files(path: os.PathLike[str]) -> tuple | None:
+    """Names, sizes and modification times of the files in a weights directory (what `ModelSource.fingerprint`
+    digests), in one directory scan; None when it cannot be read (then nothing is cached)."""
+    try:
+        with os.scandir(path) as entries:
+            return tuple(sorted((e.name, st.st_size, st.st_mtime_ns) for e in entries if e.is_file()
+                                for st in (e.stat(),)))
+    except OSError:
+        return None
+
+
+def _role_key(source: ModelSource) -> dict[str, Any]:
+    """A role's part of the cache key: where its weights are and their fingerprint. For a local directory the
+    entry is reused for up to WEIGHTS_KEY_TTL_S while a scan of its files finds the same names, sizes and times:
+    weights replaced at the same path change the key at once."""
+    if source.path is None:
+        return {**source.to_json(), "weights": source.fingerprint()}
+    key = (source, os.environ.get("LNSCOPE_MODELS_DIR"))
+    files, now = _weight_files(source.path), time.monotonic()
+    with _weights_keys_lock:
+        hit = _weights_keys.get(key)
+    if files is not None and hit is not None and hit[1] == files and now - hit[0] < WEIGHTS_KEY_TTL_S:
+        return hit[2]
+    entry = {**source.to_json(), "weights": source.fingerprint()}  # after the scan: a change in between rescans
+    if files is not None:
+        with _weights_keys_lock:
+            if len(_weights_keys) >= 1024:  # request-defined pairs must not grow it without bound
+                _weights_keys.clear()
+            _weights_keys[key] = (now, files, entry)
+    return entry
 
 
 def _manifest_key(state: ServerState, spec: PairSpec, roles: list[str]) -> dict[str, Any]:
     return {
         "pair": spec.name,
-        "roles": {r: {**spec.source(r).to_json(), "weights": spec.source(r).fingerprint()} for r in roles},
+        "roles": {r: dict(_role_key(spec.source(r))) for r in roles},
         "device": str(state.device), "dtype": state.dtype_name, "lnscope": __version__,
     }
 
@@ -240,14 +298,129 @@ def _prepare(state: ServerState, kind: str, body: AnalysisRequest) -> PreparedRu
         raise ApiError(404, str(exc)) from None
 
 
+PROGRESS_WRITE_S = 0.5  # a job's stage and fraction are written to the store at most this often
+
+
+class _ProgressFlusher:
+    """One daemon thread that writes the held reports of every ThrottledProgress when their interval is over."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, ThrottledProgress]] = []  # a heap of (when, tie-breaker, progress)
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, when: float, progress: "ThrottledProgress") -> None:
+        with self._cond:
+            heapq.heappush(self._due, (when, next(self._order), progress))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lnscope-progress", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due or (wait := self._due[0][0] - time.monotonic()) > 0:
+                    self._cond.wait(None if not self._due else wait)
+                progress = heapq.heappop(self._due)[2]
+            try:
+                progress._on_due()
+            except Exception:  # never let one job's write stop the others'
+                logger.exception("writing a job's progress failed")
+
+
+_flusher = _ProgressFlusher()
+
+
+class ThrottledProgress(Progress):
+    """A job's progress as the store sees it, written at most every `interval` seconds: a report that comes sooner
+    is held (only the newest) and written once the interval is over, by a shared flusher thread if the job reports
+    nothing more by then. A short job writes none (its row goes from running to done); a long one shows its
+    current stage within `interval`. Cancellation and the time limit are still checked at every stage boundary."""
+
+    def __init__(self, inner: Progress, interval: float | None = None) -> None:
+        super().__init__(self._report)
+        self._inner, self._interval = inner, PROGRESS_WRITE_S if interval is None else interval
+        self._lock = threading.Lock()  # held while writing: writes never overtake each other
+        self._pending: tuple[str, float] | None = None
+        self._written = time.monotonic()  # the job was just marked running
+        self._scheduled = False  # the flusher will look at this progress
+        self._closed = False
+
+    def check(self) -> None:
+        self._inner.check()
+
+    def _hold(self) -> bool:
+        """Whether the held report must wait (then the flusher is told when to look again); caller holds the lock."""
+        wait = self._written + self._interval - time.monotonic()
+        if wait <= 0:
+            return False
+        if not self._scheduled:
+            self._scheduled = True
+            _flusher.schedule(time.monotonic() + wait, self)
+        return True
+
+    def _report(self, stage: str, fraction: float) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._pending = (stage, fraction)
+            if self._hold():
+                return
+        self.flush()
+
+    def _on_due(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            if self._closed or self._pending is None or self._hold():
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the held report now, if there is one."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+            if pending is None or self._closed:
+                return
+            self._written = time.monotonic()
+            try:
+                self._inner.stage(*pending)  # the job runner's report (best effort), then its check
+            except Cancelled:  # raised again at the job's own next stage boundary
+                pass
+
+    def close(self, flush: bool) -> None:
+        """No more writes; with `flush`, the held report is written first (a failed job keeps its last stage)."""
+        if flush:
+            self.flush()
+        with self._lock:
+            self._closed = True
+
+
+def _stored_result(result: BaseModel) -> tuple[str, dict | None]:
+    """(result JSON without its manifest, manifest): the manifest is stored once, in the row, for every role. The
+    text is pydantic's JSON, as the API answers it (NaN / Infinity as null); json.dumps for what it refuses."""
+    manifest = result.model_dump(mode="json", include={"manifest"}).get("manifest")
+    try:
+        return result.model_dump_json(exclude={"manifest"}), manifest
+    except PydanticSerializationError:
+        payload = result.model_dump(mode="json")
+        payload.pop("manifest", None)
+        return json.dumps(payload), manifest
+
+
 def _job_for(state: ServerState, run: PreparedRun, row_id: str) -> Job:
     """The queued work of a prepared run: its units on the executor's models, the combined result stored."""
 
     def job(progress):
-        result = state.executor.run(run, progress, time_limit_s=state.settings.job_timeout_s)
-        payload = result.model_dump(mode="json")
-        manifest = payload.pop("manifest", None)  # stored once, in the row, for every role
-        return json.dumps(payload), manifest
+        throttled = ThrottledProgress(progress)
+        try:
+            result = state.executor.run(run, throttled, time_limit_s=state.settings.job_timeout_s)
+        except BaseException:
+            throttled.close(flush=True)
+            raise
+        throttled.close(flush=False)  # the row's stage becomes "done" with the result
+        return _stored_result(result)
 
     return Job(id=row_id, kind=run.kind.name, run=job, timeout_s=state.settings.job_timeout_s,
                reserve_bytes=run.cost.graph_bytes,
