@@ -270,7 +270,7 @@ def test_every_imported_package_is_declared(folders, extras):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = _requirement_names(project["dependencies"] + [r for e in extras
                                                             for r in project["optional-dependencies"][e]])
-    local = {"lnscope", "tests", "circuit_tracer"}  # circuit_tracer runs in its own venv (.venv-ct)
+    local = {"lnscope", "tests", "bench", "circuit_tracer"}  # circuit_tracer runs in its own venv (.venv-ct)
     distributions = packages_distributions()
     missing = []
     for module, where in sorted(_imported_modules([ROOT / f for f in folders]).items()):
