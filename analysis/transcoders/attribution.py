@@ -173,11 +173,86 @@ def feature_vectors(model: LoadedModel, transcoders: TranscoderSet, frozen: Froz
 
 
 # ------------------------------------------------------------------------------------ gradient rows
+@dataclass
+class SourceLayout:
+    """Every source's output vector, packed for one batched matmul per leaf.
+
+    A leaf j (0: the token embeddings, 1 + l: layer l's MLP output) at position p is a slot; its sources
+    are the embedding (j = 0) or the error and the active features there. A slot's vectors are split into
+    blocks of at most `K` rows ("virtual slots"), zero-padded, so that for a leaf's gradient g [r, pos,
+    d_model] the products of all its sources are one bmm: g[:, slot_pos].T [n_virtual, r, d] @
+    vectors [n_virtual, d, K].
+    """
+
+    vectors: torch.Tensor  # [n_virtual, d_model, K] (transposed blocks, contiguous)
+    leaf_range: list[tuple[int, int]]  # per leaf j: its virtual slots [v0, v1)
+    slot_pos: list[torch.Tensor | None]  # per leaf j: position of each virtual slot, None when one per position
+    flat: torch.Tensor  # [n_sources] long (on the vectors' device): flat index v * K + k of each source column
+    K: int
+
+
+def source_layout(frozen: FrozenPrompt, features: FeatureVectors, n_layers: int) -> SourceLayout:
+    """The packing of `SourceLayout`: columns [features | errors (layer-major, pos) | token embeddings]."""
+    P, n_active = int(frozen.tokens.shape[1]), features.n_active
+    device, dtype = features.dec.device, features.dec.dtype
+    d_model = int(frozen.embed.shape[-1])
+    S = (n_layers + 1) * P
+    # vectors in slot order: slot s = j * P + p holds [embedding or error, then its features]
+    act = features.active.to(device)
+    f_slot = (act[:, 0] + 1) * P + act[:, 1]
+    order = torch.argsort(f_slot, stable=True)
+    counts = torch.bincount(f_slot, minlength=S) + 1  # + the error / embedding vector
+    K = _block_size(counts)
+    blocks = (counts + K - 1) // K  # virtual slots per slot
+    v_start = torch.cumsum(blocks, 0) - blocks  # first virtual slot of each slot
+    n_virtual = int(blocks.sum())
+    # rank of each vector within its slot: 0 for the error / embedding, 1.. for features (in active order)
+    f_rank = torch.empty(n_active, dtype=torch.long, device=device)
+    f_rank[order] = _rank_in_group(f_slot[order], S) + 1
+    f_flat = (v_start[f_slot] + f_rank // K) * K + f_rank % K
+    first = v_start * K  # rank 0 of each slot
+    err_flat = first[P:]  # layers 0..L-1, pos: layer-major, as the error columns
+    emb_flat = first[:P]
+    flat = torch.cat([f_flat, err_flat, emb_flat])
+    packed = torch.zeros(n_virtual * K, d_model, dtype=dtype, device=device)
+    packed[f_flat] = features.dec
+    packed[err_flat] = torch.stack(frozen.error).reshape(-1, d_model).to(dtype)
+    packed[emb_flat] = frozen.embed.to(dtype)
+    vectors = packed.view(n_virtual, K, d_model).transpose(1, 2).contiguous()
+    leaf_range, slot_pos = [], []
+    for j in range(n_layers + 1):
+        v0, v1 = int(v_start[j * P]), int(v_start[j * P + P - 1] + blocks[j * P + P - 1])
+        leaf_range.append((v0, v1))
+        b = blocks[j * P:(j + 1) * P]
+        slot_pos.append(None if bool((b == 1).all()) else torch.arange(P, device=device).repeat_interleave(b))
+    return SourceLayout(vectors=vectors, leaf_range=leaf_range, slot_pos=slot_pos, flat=flat, K=K)
+
+
+def _rank_in_group(sorted_keys: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """For sorted keys: each one's rank among the equal keys before it (0, 1, ... per group)."""
+    n = sorted_keys.numel()
+    counts = torch.bincount(sorted_keys, minlength=n_keys)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(n, device=sorted_keys.device) - starts[sorted_keys]
+
+
+def _block_size(counts: torch.Tensor) -> int:
+    """The largest block size (from the largest slot down, halving) whose zero padding at most doubles the work."""
+    total = int(counts.sum())
+    K = int(counts.max())
+    while K > 1:
+        if int(((counts + K - 1) // K).sum()) * K <= 2 * total:
+            return K
+        K = (K + 1) // 2
+    return 1
+
+
 class GradientRows:
     """Rows of A for a batch of targets, from one backward pass through a `batch`-copy replacement run.
 
     Columns (sources): [active features | errors (layer-major, pos) | token embeddings]; a row is
-    A[t, s] = (d input_t / d output_s) . output_s, summed over d_model.
+    A[t, s] = (d input_t / d output_s) . output_s, summed over d_model. The target inputs' gradients are
+    injected as grad_outputs (logit directions at the last position, encoder rows at x_l[pos]).
     """
 
     def __init__(self, replacement: ReplacementModel, features: FeatureVectors, directions: torch.Tensor,
@@ -186,47 +261,78 @@ class GradientRows:
         self.n_layers = int(replacement.model.bridge.cfg.n_layers)
         self.n_pos = int(self.frozen.tokens.shape[1])
         self.n_sources = features.n_active + (self.n_layers + 1) * self.n_pos
+        self.batch = batch
+        self.layout = source_layout(self.frozen, features, self.n_layers)
         with torch.enable_grad():
             self.run = replacement.run(batch)
         self.leaves = [self.run.leaves["embed"]] + [self.run.leaves[f"mlp{l}"] for l in range(self.n_layers)]
+        self._active_cpu = features.active.cpu()
 
-    def __call__(self, targets: list[tuple[str, int]]) -> torch.Tensor:
-        """Rows [len(targets), n_sources] float64 (cpu) for ('logit', i) / ('feature', active index) targets."""
-        grads = torch.autograd.grad(self._summed_inputs(targets), self.leaves, retain_graph=True, allow_unused=True)
-        return self._rows(grads, len(targets))
+    def __call__(self, kind: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows [len(idx), n_sources] in the model's dtype (on the CPU) for logit targets (`kind` "logit",
+        indices into the directions) or feature targets ("feature", active indices)."""
+        outputs, grad_outputs = self._injection(kind, idx)
+        grads = torch.autograd.grad(outputs, self.leaves, grad_outputs, retain_graph=True, allow_unused=True)
+        if kind == "logit":  # a few rows, once: summed per source as ever, so logit rows round as before
+            return self._rows_elementwise(grads, int(idx.numel()))
+        return self._rows(grads, int(idx.numel()))
 
-    def _summed_inputs(self, targets: list[tuple[str, int]]) -> torch.Tensor:
-        """sum over copies b of target b's input in copy b (copies are independent: one backward gives each)."""
-        frozen, P = self.frozen, self.n_pos
-        total = torch.zeros((), dtype=self.directions.dtype, device=self.directions.device)
-        for b, (kind, i) in enumerate(targets):
-            if kind == "logit":
-                total = total + self.run.logits[b, P - 1] @ self.directions[i]
-            else:
-                l, p = int(frozen.active[i, 0]), int(frozen.active[i, 1])
-                total = total + self.run.live[l][b, p] @ self.features.enc[i]
-        return total
+    def _injection(self, kind: str, idx: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(outputs, grad_outputs): copy b carries target idx[b]'s input gradient; the other copies none."""
+        r, B = int(idx.numel()), self.batch
+        if kind == "logit":
+            g = torch.zeros(B, self.directions.shape[-1], dtype=self.run.logits_last.dtype,
+                            device=self.run.logits_last.device)
+            g[:r] = self.directions[idx.to(self.directions.device)]
+            return [self.run.logits_last], [g]
+        enc, act = self.features.enc, self._active_cpu[idx]
+        outputs, grad_outputs = [], []
+        copies = torch.arange(r)
+        for l in act[:, 0].unique().tolist():
+            m = act[:, 0] == l
+            live = self.run.live[l]
+            g = torch.zeros_like(live)
+            g[copies[m].to(g.device), act[m, 1].to(g.device)] = enc[idx[m].to(enc.device)].to(g.dtype)
+            outputs.append(live)
+            grad_outputs.append(g)
+        return outputs, grad_outputs
 
-    def _rows(self, grads: Sequence[torch.Tensor | None], r: int) -> torch.Tensor:
-        """gradient . output per source, for the first `r` copies."""
+    def _rows_elementwise(self, grads: Sequence[torch.Tensor | None], r: int) -> torch.Tensor:
+        """`_rows` as (gradient * output).sum(d_model) per source, in chunks (no padding, more memory traffic)."""
         frozen, features, P, L = self.frozen, self.features, self.n_pos, self.n_layers
         n_active, d_model = features.n_active, features.dec.shape[-1]
         g_embed = grads[0] if grads[0] is not None else torch.zeros_like(self.leaves[0])
-        row = torch.zeros(r, self.n_sources, dtype=torch.float64)
+        row = torch.zeros(r, self.n_sources, dtype=features.dec.dtype)
         for l in range(L):
             g = grads[1 + l]
             if g is None:
                 continue
             g = g[:r]  # [r, pos, d_model]
             m = (frozen.active[:, 0] == l).nonzero().flatten()
-            if m.numel():
-                step = max(1, _CHUNK // max(1, r * d_model))
-                for s in range(0, m.numel(), step):
-                    mm = m[s:s + step]
-                    row[:, mm.cpu()] = (g[:, frozen.active[mm, 1]] * features.dec[mm][None]).sum(-1).double().cpu()
-            row[:, n_active + l * P: n_active + (l + 1) * P] = (g * frozen.error[l][None]).sum(-1).double().cpu()
-        row[:, n_active + L * P:] = (g_embed[:r] * frozen.embed[None]).sum(-1).double().cpu()
+            step = max(1, _CHUNK // max(1, r * d_model))
+            for s in range(0, m.numel(), step):
+                mm = m[s:s + step]
+                row[:, mm.cpu()] = (g[:, frozen.active[mm, 1]] * features.dec[mm][None]).sum(-1).cpu()
+            row[:, n_active + l * P: n_active + (l + 1) * P] = (g * frozen.error[l][None]).sum(-1).cpu()
+        row[:, n_active + L * P:] = (g_embed[:r] * frozen.embed[None]).sum(-1).cpu()
         return row
+
+    def _rows(self, grads: Sequence[torch.Tensor | None], r: int) -> torch.Tensor:
+        """gradient . output per source, for the first `r` copies: one bmm per leaf."""
+        lay = self.layout
+        n_virtual, d_model, K = lay.vectors.shape
+        out = torch.empty(n_virtual, r, K, dtype=lay.vectors.dtype, device=lay.vectors.device)
+        for j, g in enumerate(grads):
+            v0, v1 = lay.leaf_range[j]
+            if g is None:
+                out[v0:v1].zero_()
+                continue
+            g = g[:r].to(lay.vectors.dtype).transpose(0, 1)  # [pos, r, d_model]
+            if lay.slot_pos[j] is not None:
+                g = g[lay.slot_pos[j]]
+            torch.bmm(g, lay.vectors[v0:v1], out=out[v0:v1])
+        # out[v, b, k] -> row b, column c with flat[c] = v * K + k
+        return out.transpose(0, 1).reshape(r, n_virtual * K)[:, lay.flat].cpu()
 
 
 @dataclass
@@ -257,8 +363,8 @@ def attribution_rows(replacement: ReplacementModel, features: FeatureVectors, ta
     read = GradientRows(replacement, features, directions, B)
     logit_rows = torch.zeros(n_logits, read.n_sources, dtype=torch.float64)  # float64 while summed
     for s in range(0, n_logits, B):
-        chunk = [("logit", i) for i in range(s, min(s + B, n_logits))]
-        logit_rows[s:s + len(chunk)] = read(chunk)
+        chunk = torch.arange(s, min(s + B, n_logits))
+        logit_rows[s:s + chunk.numel()] = read("logit", chunk)
     progress.stage("graph: feature rows", 0.05)
     full = max_rows == n_active
     N = max_rows + (read.n_layers + 1) * read.n_pos + n_logits
@@ -287,10 +393,11 @@ def _feature_rows(read: GradientRows, rows: AttributionRows, targets: list[Logit
             pending = rank[~visited[rank]][: min(update_interval * B, max_rows - rows.done)]
         for s in range(0, pending.numel(), B):
             idx = pending[s:s + B]
-            computed = read([("feature", int(i)) for i in idx])
+            computed = read("feature", idx)
             sl = slice(rows.done, rows.done + idx.numel())
-            rows.feature[sl, :rows.n_sources] = computed.float()
-            rows.feature_sum[sl], rows.feature_abs[sl] = computed.sum(1), computed.abs().sum(1)
+            rows.feature[sl, :rows.n_sources] = computed
+            rows.feature_sum[sl] = computed.sum(1, dtype=torch.float64)
+            rows.feature_abs[sl] = computed.abs().sum(1, dtype=torch.float64)
             rows.owner[sl] = idx
             visited[idx] = True
             rows.done += idx.numel()
@@ -335,15 +442,16 @@ class BiasTerms:
 def bias_terms(replacement: ReplacementModel, features: FeatureVectors, directions: torch.Tensor,
                rows: AttributionRows) -> BiasTerms:
     """One forward of the replacement model with every node output zero, read at each target."""
-    P = int(replacement.prompt.tokens.shape[1])
     with torch.no_grad():
         run = replacement.run(1, zero_nodes=True)
-    logit_bias = (run.logits[0, P - 1].to(torch.float64) @ directions.T.to(torch.float64)).cpu()
+    logit_bias = (run.logits_last[0].to(torch.float64) @ directions.T.to(torch.float64)).cpu()
     feat_bias = torch.zeros(rows.owner.numel(), dtype=torch.float64)
-    for j in range(rows.done):
-        i = int(rows.owner[j])
-        l, p = int(features.active[i, 0]), int(features.active[i, 1])
-        feat_bias[j] = float(run.live[l][0, p].double() @ features.enc[i].double()) + float(features.enc_bias[i])
+    if rows.done:
+        owners = rows.owner[:rows.done]
+        act = features.active.cpu()[owners]
+        live = torch.stack([run.live[l][0] for l in range(len(run.live))]).double().cpu()  # [layer, pos, d_model]
+        feat_bias[:rows.done] = (live[act[:, 0], act[:, 1]] * features.enc.cpu()[owners].double()).sum(-1) \
+            + features.enc_bias[owners]
     return BiasTerms(logit=logit_bias, feature=feat_bias)
 
 

@@ -132,7 +132,7 @@ class ReplacementRun:
 
     leaves: dict[str, torch.Tensor]  # "embed", "mlp{l}" -> [batch, pos, d_model] node outputs (grad leaves)
     live: dict[int, torch.Tensor]  # layer -> [batch, pos, d_model] x_l as the replacement model computes it
-    logits: torch.Tensor  # [batch, pos, vocab]
+    logits_last: torch.Tensor  # [batch, vocab] at the last position
 
 
 class ReplacementModel:
@@ -168,7 +168,7 @@ class ReplacementModel:
 
         def mlp_in(t, hook):
             live[int(hook.name.split(".")[1])] = t
-            return t
+            return t[:1].detach()  # the MLP's output is discarded (mlp_out): compute it once, without a graph
 
         def mlp_out(t, hook):
             l = int(hook.name.split(".")[1])
@@ -187,4 +187,4 @@ class ReplacementModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logits = self.model.bridge.run_with_hooks(toks, fwd_hooks=hooks)
-        return ReplacementRun(leaves, live, logits)
+        return ReplacementRun(leaves, live, logits[:, -1])
