@@ -3,17 +3,22 @@
 For (a) the `tiny` trio's original model, if models/tiny/* exists, and (b) a GPT-2-small-shaped model with
 random weights (12 layers, 12 heads, d_model 768, d_mlp 3072, vocab 50257), measured in one run:
   - AtP over all default nodes (with the AtP* QK fix) / one forward + backward      (target <= 3)
-  - TransformerLens's per-node activation-patching sweeps / our batched sweep       (target >= 5),
+  - TransformerLens's per-node activation-patching sweeps / our batched sweep       (target >= 10),
     ours timed before and after TransformerLens's sweep (their mean; the machine's speed may drift),
     asserting both give the same patched metric within 1e-4
   - DLA for all heads (analysis.dla, cached-scale treatment) / one forward          (target <= 2)
   - peak memory: torch.cuda.max_memory_allocated per phase on CUDA; the process's peak RSS
     (resource.ru_maxrss, cumulative) on CPU.
 
-    python bench/analyses.py [--device cuda] [--quick] [--threads N] [--model DIR ...]
+    python bench/analyses.py [--device cuda] [--quick] [--size 8x16] [--threads N] [--model DIR ...]
 --quick: 4 prompts x 8 tokens and the TransformerLens comparison on resid_pre/head/mlp only (CPU-friendly);
 default: 16 prompt pairs of 16 tokens and also head x position (TransformerLens's head x position sweep
 of a GPT-2-small-shaped model takes about an hour on 2 CPU cores; `--nodes resid_pre head mlp` leaves it out).
+--size PROMPTSxTOKENS sets the prompts and tokens of either mode. The activation-patching ratios of every model,
+measured in this one run, are repeated at the end.
+On a CPU shared with other work, pass --threads 1: two threads on a busy 2-core machine spend most of their time
+waiting for each other (a GPT-2-small forward at 16 x 16 took 0.75 s on one thread and 2.5-5.8 s on two), which
+hits TransformerLens's many small forwards and our few large ones differently.
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ def tl_sweeps(bridge, clean, corrupt, metric, nodes):
 
 
 def bench_model(name: str, model, n_prompts: int, n_pos: int, tl_nodes: list[str], repeats: int,
-                chunk: int | None) -> None:
+                chunk: int | None, ratios: dict[str, str] | None = None) -> None:
     bridge, device = model.bridge, model.device
     mem = Memory(device)
     clean, corrupt, answers, metric = prompts(int(bridge.cfg.d_vocab), n_prompts, n_pos)
@@ -181,8 +186,11 @@ def bench_model(name: str, model, n_prompts: int, n_pos: int, tl_nodes: list[str
     print(f"activation patching {tl_nodes} ({n_nodes} nodes): TransformerLens {t_tl:.2f} s, ours {t_ours:.2f} s "
           f"(before / after TransformerLens {t_before:.2f} / {t_after:.2f} s; chunk {ours.chunk_size}, "
           f"{ours.n_forward_passes} passes, {ours.n_unchanged_nodes} unchanged nodes not run, shortcuts "
-          f"{', '.join(ours.shortcuts) or 'none'}) = {t_tl / t_ours:.1f} x faster (target >= 5); "
+          f"{', '.join(ours.shortcuts) or 'none'}) = {t_tl / t_ours:.1f} x faster (target >= 10); "
           f"max |diff| {diff:.1e}; peak {peak_ours}")
+    if ratios is not None:
+        ratios[name] = (f"{t_tl / t_ours:.1f} x ({n_prompts} x {n_pos}, {tl_nodes}: TransformerLens {t_tl:.1f} s, "
+                        f"ours {t_ours:.1f} s)")
 
     try:
         from lnscope.analysis.dla import DLATarget, dla
@@ -203,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     parser.add_argument("--quick", action="store_true",
                         help="4 prompts x 8 tokens, TL comparison on resid_pre/head/mlp")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--size", default=None, metavar="PROMPTSxTOKENS",
+                        help="prompts x tokens, e.g. 16x16 or 8x16 (default: 4x8 with --quick, else 16x16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared CPU)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="nodes per batched forward (default: the library's, 8 on CPU, 32 on CUDA)")
     parser.add_argument("--nodes", nargs="+", default=None,
@@ -218,6 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     n_prompts, n_pos = (4, 8) if args.quick else (16, 16)
+    if args.size:
+        try:
+            n_prompts, n_pos = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            parser.error(f"--size must look like 16x16, not {args.size!r}")
+    ratios: dict[str, str] = {}
     tl_nodes = args.nodes or (["resid_pre", "head", "mlp"] if args.quick else ["resid_pre", "head", "head_pos", "mlp"])
     repeats = args.repeats or (1 if args.quick else 3)
     chunk = args.chunk_size
@@ -230,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             source = spec.source("original")
             if source.path is not None and source.path.is_dir():
                 model = load_model(source, "original", device=args.device)
-                bench_model("tiny (original)", model, n_prompts, n_pos, tl_nodes, repeats, chunk)
+                bench_model("tiny (original)", model, n_prompts, n_pos, tl_nodes, repeats, chunk, ratios)
             else:
                 print("tiny trio not built (models/tiny missing): skipped")
         except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
@@ -238,13 +254,17 @@ def main(argv: list[str] | None = None) -> None:
 
     for path in args.model:
         bench_model(f"{path}", load_model(ModelSource(path=path), "original", device=args.device),
-                    n_prompts, n_pos, tl_nodes, repeats, chunk)
+                    n_prompts, n_pos, tl_nodes, repeats, chunk, ratios)
 
     if not args.skip_gpt2:
         with tempfile.TemporaryDirectory() as tmp:
             path = gpt2_small_shaped(Path(tmp))
             model = load_model(ModelSource(path=path), "original", device=args.device)
-            bench_model("GPT-2-small-shaped (random weights)", model, n_prompts, n_pos, tl_nodes, repeats, chunk)
+            bench_model("GPT-2-small-shaped (random weights)", model, n_prompts, n_pos, tl_nodes, repeats, chunk,
+                        ratios)
+    print("\n== activation patching, TransformerLens / ours, this run (target >= 10):")
+    for name, ratio in ratios.items():
+        print(f"  {name}: {ratio}")
 
 
 if __name__ == "__main__":
