@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lnscope.analysis import __version__
 from lnscope.analysis.loading import LoadedModel
-from lnscope.analysis.progress import Progress, ensure
 
-R = TypeVar("R")
 PAPER_ORDER: tuple[str, ...] = ("original", "control", "ln_free")  # the paper's table layout
 
 
@@ -53,20 +51,3 @@ def make_manifest(
         options=dict(options or {}),
     )
 
-
-def run_per_role(
-    models: Mapping[str, LoadedModel],
-    run: Callable[[LoadedModel, Progress], R],
-    progress: Progress | None = None,
-    order: Sequence[str] | None = None,
-) -> dict[str, R]:
-    """`run(model, progress)` for each role, each reporting into its share of `progress`.
-
-    Roles follow `order` where given (others after, in the models' order).
-    """
-    progress = ensure(progress)
-    roles = list(models)
-    if order is not None:
-        roles = [r for r in order if r in models] + [r for r in roles if r not in order]
-    return {role: run(models[role], progress.span(f"{role}: ", i / len(roles), (i + 1) / len(roles)))
-            for i, role in enumerate(roles)}

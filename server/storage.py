@@ -550,10 +550,6 @@ class Store:
             rows = list(s.scalars(query.order_by(ResultRow.created_at.desc()).limit(limit).offset(offset)))
         return total, rows
 
-    def iter_unfinished(self) -> Iterator[ResultRow]:
-        with self.session() as s:
-            yield from s.scalars(select(ResultRow).where(ResultRow.status.in_(UNFINISHED)))
-
 
 def open_store(url: str, owner_id: str | None = None) -> Store:
     """A Store checked in depth at start-up: a corrupt, read-only or unreachable database is one StoreUnavailable."""
