@@ -15,41 +15,18 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from lnscope.analysis.loading import ModelCache
-from lnscope.analysis.pairs import ModelSource, PairRegistry
+from lnscope.analysis.pairs import ModelSource
 from lnscope.analysis.pipeline import prepare_run, run_prepared
 from lnscope.analysis.progress import Cancelled, Progress
 from lnscope.server import app as app_module
-from lnscope.server.app import ThrottledProgress, _manifest_key, _role_key, _stored_result, create_app
+from lnscope.server.app import ThrottledProgress, _manifest_key, _role_key, _stored_result
 from lnscope.server.schemas import AnalysisRequest, ResultOut
-from lnscope.server.settings import Settings
 from tests.probe_kind import GATE, PROBE
+from tests.test_reliability import client_for  # noqa: F401 (a fixture)
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 DLA = {"pair": "local", "prompts": [IOI, "When Tom and Anna went to the park, Anna gave a ball to"], "seed": 3,
        "options": {"target": {"kind": "logit_diff", "token": " Mary", "other": " John"}, "n_bootstrap": 20}}
-
-
-def _config(tmp_path, trio: dict) -> None:
-    (tmp_path / "lnscope.toml").write_text(
-        'default_pair = "local"\n[pairs.local]\n' + "".join(f'{r} = {{ path = "{p}" }}\n' for r, p in trio.items()))
-
-
-@pytest.fixture
-def client_for(tmp_path):
-    clients = []
-
-    def make(trio: dict, **settings) -> TestClient:
-        _config(tmp_path, trio)
-        client = TestClient(create_app(Settings(device="cpu", preload=False, data_dir=tmp_path / "data", **settings),
-                                       registry=PairRegistry.load(), cache=ModelCache()))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
 
 
 @pytest.fixture
