@@ -432,8 +432,8 @@ def _enqueue(state: ServerState, kind: str, body: AnalysisRequest) -> tuple[Resu
     run = _prepare(state, kind, body)
     stored_inputs = run.stored_inputs()
     digest = request_hash(kind, stored_inputs, {**_manifest_key(state, run.pair, run.roles), **run.resources})
-    if (done := state.store.find_done(digest)) is not None:
-        return done, True
+    if (found := state.store.find_reusable(digest)) is not None:
+        return found, found.status == "done"
     row, created = state.store.create_or_get_active(kind=kind, pair=run.pair.name, inputs=stored_inputs,
                                                     req_hash=digest, manifest=None)
     if created:

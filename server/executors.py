@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from lnscope.analysis.pipeline import PreparedRun, run_prepared
 from lnscope.analysis.progress import Progress
+from lnscope.server.compute_threads import device_key, run_on
 
 if TYPE_CHECKING:
     from lnscope.server.state import ServerState
@@ -81,6 +82,11 @@ class LocalExecutor:
             return [self._activity.setdefault((pair, role), _Activity()) for role in roles]
 
     def run(self, run: PreparedRun, progress: Progress, *, time_limit_s: float | None = None) -> BaseModel:
+        """The run on its devices' compute thread (compute_threads: one OpenMP team per device, not per job)."""
+        devices = [str(self.state.role_device(run.pair, role)) for role in run.roles]
+        return run_on(device_key(devices), lambda: self._run_here(run, progress))
+
+    def _run_here(self, run: PreparedRun, progress: Progress) -> BaseModel:
         progress.stage("loading models", 0.0)
         models = {role: self.state.load_role(run.pair, role) for role in run.roles}
         activity = self._track(run.pair.name, run.roles)

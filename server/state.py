@@ -13,6 +13,7 @@ from lnscope.analysis.errors import ConfigError, LnscopeError, ModelLoadError
 from lnscope.analysis.kinds.base import Limits
 from lnscope.analysis.loading import ModelCache, model_cache, pair_tokenizer
 from lnscope.analysis.pairs import ModelSource, PairRegistry, PairSpec, place_roles
+from lnscope.server.compute_threads import device_key, run_on
 from lnscope.server.executors import Executor, LocalExecutor
 from lnscope.server.jobs import JobManager
 from lnscope.server.settings import Settings
@@ -126,9 +127,10 @@ class ServerState:
         with self._lock:
             self._loading.add(key)
             self._errors.pop(key, None)
+        device = self.role_device(pair, role)
         try:
-            return self.cache.get(pair.source(role), role, device=self.role_device(pair, role),
-                                  dtype=self._role_dtype(pair, role))
+            return run_on(device_key([str(device)]), lambda: self.cache.get(
+                pair.source(role), role, device=device, dtype=self._role_dtype(pair, role)))
         except LnscopeError as exc:
             with self._lock:
                 self._errors[key] = str(exc)

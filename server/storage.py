@@ -43,6 +43,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     and_,
+    case,
     create_engine,
     delete,
     event,
@@ -478,14 +479,17 @@ class Store:
 
     def create_or_get_active(self, *, kind: str, pair: str, inputs: dict, req_hash: str,
                              manifest: dict | None) -> tuple[ResultRow, bool]:
-        """(row, created): the queued or running row of an identical request, or a new one; atomic."""
+        """(row, created): a new queued row, or the queued or running row of an identical request; atomic.
+
+        Insert first (one round trip for a new request, which callers have just looked up with
+        `find_reusable`); the unique index on active rows refuses a duplicate, and then that row is read.
+        """
         for _ in range(5):  # the active row may finish between a refused insert and the lookup
-            if (active := self.find_active(req_hash)) is not None:
-                return active, False
             try:
                 return self.create(kind=kind, pair=pair, inputs=inputs, req_hash=req_hash, manifest=manifest), True
             except IntegrityError:
-                continue
+                if (active := self.find_active(req_hash)) is not None:
+                    return active, False
         raise StoreUnavailable(f"the results database {self.where} keeps refusing request {req_hash[:12]}")
 
     def discard(self, result_id: str) -> bool:
@@ -499,12 +503,14 @@ class Store:
         with self._db_errors(), self.session() as s:
             return s.get(ResultRow, result_id)
 
-    def find_done(self, req_hash: str) -> ResultRow | None:
-        """The newest finished result of an identical request, if any."""
+    def find_reusable(self, req_hash: str) -> ResultRow | None:
+        """In one query: the newest finished result of an identical request, else its queued or running row."""
+        done_first = case((ResultRow.status == "done", 0), else_=1)
         with self._db_errors(), self.session() as s:
             return s.scalars(
-                select(ResultRow).where(ResultRow.request_hash == req_hash, ResultRow.status == "done")
-                .order_by(ResultRow.finished_at.desc()).limit(1)
+                select(ResultRow).where(ResultRow.request_hash == req_hash,
+                                        ResultRow.status.in_(("done", *UNFINISHED)))
+                .order_by(done_first, ResultRow.finished_at.desc(), ResultRow.created_at.desc()).limit(1)
             ).first()
 
     def find_active(self, req_hash: str) -> ResultRow | None:

@@ -259,7 +259,7 @@ def test_every_timestamp_leaves_the_store_in_utc(url):
     listed = store.history(pair=None, kind=None, status=None, limit=10, offset=0)[1][0]
     for r in (stored, listed):
         assert all(t.tzinfo == UTC for t in (r.created_at, r.started_at, r.finished_at))
-    assert store.find_done("h").finished_at.tzinfo == UTC
+    assert store.find_reusable("h").finished_at.tzinfo == UTC
 
 
 # -- a database gone bad --------------------------------------------------------------------------
