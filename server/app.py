@@ -457,12 +457,14 @@ async def _submit(state: ServerState, request: Request, kind: str, body: Analysi
     if cached:
         return _result_out(row, cached=True)
     if wait:
+        job = state.jobs.get(row.id)  # a job of this server hands back its finished row: no second read
         try:
             await state.jobs.wait_async(row.id, min(timeout, state.settings.inline_wait_s), request.is_disconnected)
         except TooManyWaiters:
             raise ApiError(503, f"{state.settings.max_waiters} requests are already waiting inline; poll "
                            f"{API_PREFIX}/jobs/{row.id} instead", {"Retry-After": "5"}) from None
-        row = await run_in_threadpool(state.store.get, row.id)
+        stored = job.stored if job is not None else None
+        row = stored if stored is not None else await run_in_threadpool(state.store.get, row.id)
         if row.status == "done":
             return _result_out(row)
         if row.status in ("failed", "cancelled"):

@@ -65,6 +65,7 @@ class Job:
     interrupted: threading.Event = field(default_factory=threading.Event)  # set by shutdown, not by a user
     started: threading.Event = field(default_factory=threading.Event)  # holds its models' locks
     submitted: float = field(default_factory=time.monotonic)
+    stored: storage.ResultRow | None = None  # its finished row, as the store wrote it (an inline waiter answers it)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -383,7 +384,8 @@ class JobManager:
         except Exception as exc:  # the worker keeps serving whatever happened
             self._end(job, *self._outcome(job, exc))
         else:
-            self._write("store a result", self.store.finish, job.id, result_json, manifest)
+            stored = self._write("store a result", self.store.finish, job.id, result_json, manifest)
+            job.stored = stored if isinstance(stored, storage.ResultRow) else None
             logger.info("job %s (%s) done in %.2f s", job.id, job.kind, time.perf_counter() - started)
 
     def _outcome(self, job: Job, exc: Exception) -> tuple[str, str, str]:

@@ -534,9 +534,17 @@ class Store:
     def set_progress(self, result_id: str, stage: str, progress: float) -> None:
         self._update(result_id, stage=stage[:200], progress=progress)
 
-    def finish(self, result_id: str, result_json: str, manifest: dict | None) -> bool:
-        return self._update(result_id, status="done", result=result_json, manifest=manifest, progress=1.0,
-                            stage="done", finished_at=utcnow())
+    def finish(self, result_id: str, result_json: str, manifest: dict | None) -> ResultRow | None:
+        """Store a job's result: the finished row, read back by the same statement where the database can (else
+        read after it); None when the job had already ended (a finished result is never overwritten)."""
+        values = dict(status="done", result=result_json, manifest=manifest, progress=1.0, stage="done",
+                      finished_at=utcnow())
+        if not self.engine.dialect.update_returning:
+            return self.get(result_id) if self._update(result_id, **values) else None
+        stmt = (update(ResultRow).where(ResultRow.id == result_id, ResultRow.status.in_(UNFINISHED))
+                .values(**values).returning(ResultRow))
+        with self._writing(), self.session() as s, s.begin():
+            return s.scalars(stmt).first()
 
     def fail(self, result_id: str, error: str, error_kind: str, status: str = "failed") -> bool:
         return self._update(result_id, status=status, error=error, error_kind=error_kind, finished_at=utcnow())

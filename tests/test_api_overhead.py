@@ -76,6 +76,31 @@ def test_inline_response_equals_the_stored_result_and_the_library_call(client_fo
     assert out["result"] == library
 
 
+def test_an_inline_answer_is_the_row_the_job_wrote_without_reading_it_back(client_for, trio_dirs, monkeypatch):
+    client = client_for(trio_dirs)
+    store = _state(client).store
+    reads: list[str] = []
+    real_get = store.get
+    monkeypatch.setattr(store, "get", lambda result_id: reads.append(result_id) or real_get(result_id))
+    r = client.post("/api/v1/analyses/dla?wait=true&timeout=120", json={**DLA, "seed": 11})
+    assert r.status_code == 200, r.text
+    assert reads == []  # the finish statement returned the row
+    stored = client.get(f"/api/v1/results/{r.json()['id']}")
+    assert stored.content == r.content  # timings and all, as stored
+
+
+def test_finish_returns_the_finished_row_and_never_overwrites(tmp_path):
+    from lnscope.server.storage import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    row = store.create(kind="probe", pair="p", inputs={}, req_hash="h", manifest=None)
+    store.mark_running(row.id)
+    done = store.finish(row.id, '{"x": 1}', {"pair": "p"})
+    assert done.status == "done" and done.result == '{"x": 1}' and done.manifest == {"pair": "p"}
+    assert done.timings() == store.get(row.id).timings() and done.finished_at.tzinfo is not None
+    assert store.finish(row.id, '{"x": 2}', None) is None and store.get(row.id).result == '{"x": 1}'
+
+
 def test_stored_text_with_nan_or_non_objects_is_served_as_before(client_for, trio_dirs):
     """Rows written by json.dumps may hold NaN / Infinity: the body stays JSON, with null for them."""
     client = client_for(trio_dirs)
