@@ -384,8 +384,7 @@ class JobManager:
         except Exception as exc:  # the worker keeps serving whatever happened
             self._end(job, *self._outcome(job, exc))
         else:
-            stored = self._write("store a result", self.store.finish, job.id, result_json, manifest)
-            job.stored = stored if isinstance(stored, storage.ResultRow) else None
+            job.stored = self._write("store a result", self.store.finish, job.id, result_json, manifest)
             logger.info("job %s (%s) done in %.2f s", job.id, job.kind, time.perf_counter() - started)
 
     def _outcome(self, job: Job, exc: Exception) -> tuple[str, str, str]:

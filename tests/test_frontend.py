@@ -352,16 +352,18 @@ def synthetic_graph(seed: int = 0, drop: tuple[int, ...] = (), extra: int = 0) -
 
 
 def click_node(page, node_id):
+    """Click a node of #circuit-graph (its first drawn marker), wherever its subplot lies."""
     xy = page.evaluate("""(id) => {
         const gd = document.getElementById('circuit-graph');
         const t = gd.data.find(t => t.mode === 'markers' && t.customdata && t.customdata.includes(id));
         const i = t.customdata.indexOf(id);
-        const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+        const ax = (a, k) => gd._fullLayout[k + 'axis' + (a && a.length > 1 ? a.slice(1) : '')];
+        const xa = ax(t.xaxis, 'x'), ya = ax(t.yaxis, 'y'), r = gd.getBoundingClientRect();
         return [r.left + xa._offset + xa.l2p(t.x[i]), r.top + ya._offset + ya.l2p(t.y[i])];
     }""", node_id)
     page.mouse.move(xy[0] - 3, xy[1] - 3)
     page.mouse.move(xy[0], xy[1])
-    page.wait_for_timeout(150)
+    page.wait_for_timeout(200)
     page.mouse.click(xy[0], xy[1])
 
 

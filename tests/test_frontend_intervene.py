@@ -17,6 +17,7 @@ from tests.test_frontend import (  # noqa: F401  (fixtures)
     IOI,
     ROLES,
     api,
+    click_node,
     foreign,
     open_view,
     page,
@@ -51,22 +52,6 @@ def click_heatmap_cell(page, element_id, row, col):  # noqa: F811
     page.mouse.move(xy[0] - 3, xy[1] - 3)
     page.mouse.move(xy[0], xy[1])
     page.wait_for_timeout(150)
-    page.mouse.click(xy[0], xy[1])
-
-
-def click_graph_node(page, node_id):  # noqa: F811
-    """Click a node of #circuit-graph (its first drawn marker), wherever its subplot lies."""
-    xy = page.evaluate("""(id) => {
-        const gd = document.getElementById('circuit-graph');
-        const t = gd.data.find(t => t.mode === 'markers' && t.customdata && t.customdata.includes(id));
-        const i = t.customdata.indexOf(id);
-        const ax = (a, k) => gd._fullLayout[k + 'axis' + (a && a.length > 1 ? a.slice(1) : '')];
-        const xa = ax(t.xaxis, 'x'), ya = ax(t.yaxis, 'y'), r = gd.getBoundingClientRect();
-        return [r.left + xa._offset + xa.l2p(t.x[i]), r.top + ya._offset + ya.l2p(t.y[i])];
-    }""", node_id)
-    page.mouse.move(xy[0] - 4, xy[1] - 4)
-    page.mouse.move(xy[0], xy[1])
-    page.wait_for_timeout(200)
     page.mouse.click(xy[0], xy[1])
 
 
@@ -138,7 +123,7 @@ def pick_feature_node(page):  # noqa: F811
     node_id = page.evaluate("""() => document.getElementById('circuit-graph').data
         .flatMap(t => t.mode === 'markers' ? (t.customdata || []) : []).find(id => /^[01]_\\d+_\\d+$/.test(id))""")
     assert node_id, "no feature node drawn"
-    click_graph_node(page, node_id)
+    click_node(page, node_id)
     page.wait_for_function("() => /^L[01] #/.test(document.querySelector('#node-panel h3')?.textContent || '')")
     layer, feature, _ = page.locator("#node-panel dd.mono").first.inner_text().split("_")
     return int(layer), int(feature)
